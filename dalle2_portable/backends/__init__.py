@@ -1,0 +1,144 @@
+"""The Backend interface, the registry, and the `auto` rule.
+
+A backend owns what must differ between frameworks: its module trees (same class and attribute names in both,
+so the flattened parameter names are the canonical ones), array conversion to and from NumPy, layouts, dtypes
+and devices. Everything else (tokenising, preprocessing, pooling positions, sampling math) is NumPy code
+outside this package that hands NumPy arrays in and gets NumPy arrays back.
+
+Backends are imported lazily: `import dalle2_portable` works with only MLX or only PyTorch installed.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import platform
+import sys
+from abc import ABC, abstractmethod
+from typing import Any
+
+import numpy as np
+
+from ..errors import Dalle2Error
+
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+class Backend(ABC):
+    """One framework on one device in one compute dtype."""
+
+    name: str
+
+    def __init__(self, device: str | None = None, dtype: str = "float32"):
+        if dtype not in DTYPES:
+            raise Dalle2Error(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+        self.dtype = dtype
+        self.device = self._resolve_device(device)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(device={self.device!r}, dtype={self.dtype!r})"
+
+    @abstractmethod
+    def _resolve_device(self, device: str | None) -> str:
+        """The device to use ('cpu', 'cuda', 'gpu', ...); a device that is not there is a one-line error."""
+
+    # -- modules ---------------------------------------------------------------------------------------------
+    @abstractmethod
+    def build(self, component_type: str, config: Any):
+        """A module with random initial weights, on this backend's device and dtype."""
+
+    @abstractmethod
+    def parameter_shapes(self, component_type: str, config: Any) -> dict[str, tuple[int, ...]]:
+        """{canonical name: shape in canonical (PyTorch) layout}, computed without allocating the weights."""
+
+    @abstractmethod
+    def load_weights(self, module, tensors: dict[str, np.ndarray]) -> None:
+        """Copy canonical-layout weights into `module` strictly (missing, extra, misshaped all raise)."""
+
+    @abstractmethod
+    def load_file(self, module, path: str) -> None:
+        """Load a canonical safetensors file into `module` strictly, cast to this backend's dtype."""
+
+    @abstractmethod
+    def state_dict(self, module) -> dict[str, np.ndarray]:
+        """The module's weights as float32 NumPy arrays, canonical names and layout."""
+
+    # -- calls -----------------------------------------------------------------------------------------------
+    @abstractmethod
+    def run(self, module, *inputs: np.ndarray) -> tuple[np.ndarray, ...]:
+        """Call `module` on NumPy inputs (floats cast to the compute dtype, integers kept), without gradients,
+        and return its outputs as float32 NumPy arrays."""
+
+    def load_component(self, component_type: str, config: Any, path: str):
+        """Build a component and load its weights (the caller validated the file with `store.validate`)."""
+        module = self.build(component_type, config)
+        self.load_file(module, path)
+        return module
+
+
+# name -> module path of the Backend subclass; `BACKEND` in that module is the class
+_REGISTRY = {
+    "torch": "dalle2_portable.backends.torch",
+    "mlx": "dalle2_portable.backends.mlx",
+}
+_PACKAGES = {"torch": "torch", "mlx": "mlx.core"}
+
+
+def installed() -> list[str]:
+    """Backends whose framework is importable here (checked without importing it)."""
+    out = []
+    for name, pkg in _PACKAGES.items():
+        try:
+            if importlib.util.find_spec(pkg) is not None:
+                out.append(name)
+        except (ImportError, ValueError):
+            pass
+    return out
+
+
+def _is_apple_silicon() -> bool:
+    return sys.platform == "darwin" and platform.machine() == "arm64"
+
+
+def _cuda_available() -> bool:
+    if "torch" not in installed():
+        return False
+    import torch  # only imported when it is installed, to look for CUDA
+
+    return torch.cuda.is_available()
+
+
+def auto_backend() -> str:
+    """MLX on Apple Silicon; PyTorch where CUDA is present; otherwise the faster on a CPU: PyTorch.
+
+    The CPU figure behind the last rule (README, benchmarks/backend_speed.py, 2 cores x86-64): CLIP ViT-B/32
+    text + image towers are several times faster on PyTorch's oneDNN than on MLX's CPU backend, even with
+    OpenBLAS preloaded, because MLX's CPU transcendental ops (exp, erf, sigmoid) are ~25 ns per element.
+    """
+    have = installed()
+    if not have:
+        raise Dalle2Error("no backend is installed; run `pip install 'dalle2_portable[torch]'` or "
+                          "`pip install 'dalle2_portable[mlx]'`")
+    forced = os.environ.get("DALLE2_BACKEND")
+    if forced:
+        return forced
+    if _is_apple_silicon() and "mlx" in have:
+        return "mlx"
+    if "torch" in have:
+        return "torch"  # CUDA when present (see TorchBackend's device choice), else the faster CPU backend
+    return have[0]
+
+
+def get_backend(name: str = "auto", device: str | None = None, dtype: str = "float32") -> Backend:
+    """A Backend instance by name ('auto', 'torch', 'mlx')."""
+    if isinstance(name, Backend):
+        return name
+    if name == "auto":
+        name = auto_backend()
+    if name not in _REGISTRY:
+        raise Dalle2Error(f"unknown backend {name!r}; choose one of auto, {', '.join(_REGISTRY)}")
+    if name not in installed():
+        raise Dalle2Error(f"backend {name!r} is not installed; run `pip install 'dalle2_portable[{name}]'`")
+    module = importlib.import_module(_REGISTRY[name])
+    return module.BACKEND(device=device, dtype=dtype)

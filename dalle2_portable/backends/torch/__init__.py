@@ -1,0 +1,91 @@
+"""The PyTorch backend: CUDA, MPS or CPU. Weights on disk are already in PyTorch layout."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from ...errors import Dalle2Error
+from .. import Backend
+from .clip import CLIPTextModelWithProjection, CLIPVisionModelWithProjection
+
+MODULES = {
+    "clip_text": CLIPTextModelWithProjection,
+    "clip_vision": CLIPVisionModelWithProjection,
+}
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def module_class(component_type: str):
+    try:
+        return MODULES[component_type]
+    except KeyError:
+        raise Dalle2Error(f"the torch backend has no module for component type {component_type!r}; "
+                          "upgrade dalle2_portable") from None
+
+
+class TorchBackend(Backend):
+    name = "torch"
+
+    def _resolve_device(self, device: str | None) -> str:
+        if device is None:  # the fastest device present
+            if torch.cuda.is_available():
+                return "cuda"
+            if torch.backends.mps.is_available():
+                return "mps"
+            return "cpu"
+        kind = device.split(":")[0]
+        ok = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+        if kind not in ok:
+            raise Dalle2Error(f"unknown torch device {device!r}; choose cpu, cuda, cuda:N or mps")
+        if not ok[kind]:
+            raise Dalle2Error(f"torch device {device!r} is not available on this machine; use --device cpu")
+        return device
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return _DTYPES[self.dtype]
+
+    def build(self, component_type, config):
+        with torch.device(self.device):
+            module = module_class(component_type)(config)
+        return module.to(self.torch_dtype).eval()
+
+    def parameter_shapes(self, component_type, config):
+        with torch.device("meta"):  # shapes without allocating a byte
+            module = module_class(component_type)(config)
+        return {k: tuple(v.shape) for k, v in module.state_dict().items()}
+
+    def load_weights(self, module, tensors):
+        sd = {k: torch.from_numpy(np.ascontiguousarray(v)).to(self.device, self.torch_dtype)
+              for k, v in tensors.items()}
+        module.load_state_dict(sd, strict=True)
+
+    def load_file(self, module, path):
+        # Each tensor is read once, cast, and assigned in place of the random init (no second copy).
+        sd = load_file(str(path), device="cpu")
+        sd = {k: v.to(self.device, self.torch_dtype) for k, v in sd.items()}
+        module.load_state_dict(sd, strict=True, assign=True)
+
+    def load_component(self, component_type, config, path):
+        with torch.device("meta"):  # no random init to throw away: the file's tensors are assigned
+            module = module_class(component_type)(config)
+        self.load_file(module, path)
+        return module.eval()
+
+    def state_dict(self, module):
+        return {k: v.detach().float().cpu().numpy() for k, v in module.state_dict().items()}
+
+    def run(self, module, *inputs):
+        args = []
+        for x in inputs:
+            t = torch.from_numpy(np.ascontiguousarray(x))
+            args.append(t.to(self.device, self.torch_dtype) if t.is_floating_point() else t.to(self.device))
+        with torch.inference_mode():
+            out = module(*args)
+        out = out if isinstance(out, tuple) else (out,)
+        return tuple(o.float().cpu().numpy() for o in out)
+
+
+BACKEND = TorchBackend

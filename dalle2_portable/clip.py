@@ -1,0 +1,109 @@
+"""CLIP text and image encoding over any backend: tokenise and preprocess in NumPy, run the towers, return NumPy.
+
+    clip = d2.load_clip("openai/clip-vit-base-patch32")      # Hub id, model directory, or converted cache
+    clip.encode_text(["a cat", "a dog"])                     # (2, projection_dim) float32
+    clip.encode_image([PIL.Image.open("cat.png")])           # (1, projection_dim) float32
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from . import store
+from .backends import Backend, get_backend
+from .errors import Dalle2Error
+from .images import clip_preprocess, load_image
+from .spec import ImageProcessorConfig, ModelSpec
+from .tokenizers import load_tokenizer
+
+
+def pool_positions(input_ids: np.ndarray, eos_token_id: int) -> np.ndarray:
+    """Which token of each sequence CLIP pools, as transformers' CLIPTextModel chooses it (reference/clip.md §4).
+
+    input_ids (B, L) -> (B,) int64. Legacy configs (eos_token_id == 2, all OpenAI-derived ones) take the argmax
+    of the ids: EOS is the largest id, and argmax returns the first one when pads are EOS too. Newer configs take
+    the first position of the configured EOS id.
+    """
+    if eos_token_id == 2:
+        return input_ids.argmax(axis=-1).astype(np.int64)
+    return (input_ids == eos_token_id).argmax(axis=-1).astype(np.int64)
+
+
+def normalize(x: np.ndarray) -> np.ndarray:
+    """Unit-norm rows (CLIP similarities are cosines)."""
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+class CLIP:
+    """The CLIP towers of one model directory on one backend. Either tower may be absent (Karlo has no vision
+    tower, Karlo-variations no prior); calling a missing one is a one-line error."""
+
+    def __init__(self, model_dir: str | os.PathLike, backend: Backend, spec: ModelSpec | None = None):
+        self.model_dir = Path(model_dir)
+        self.spec = spec or store.read_spec(self.model_dir)
+        self.backend = backend
+        towers = [n for n in ("text_encoder", "image_encoder") if n in self.spec.components]
+        if not towers:
+            raise Dalle2Error(f"model {str(self.model_dir)!r} has no CLIP tower (text_encoder or image_encoder); "
+                              "use a CLIP or unCLIP model")
+        comps = {n: self.spec.components[n] for n in towers}
+        # Validate every file against the module tree before allocating anything.
+        for name, comp in comps.items():
+            path = store.component_path(self.model_dir, self.spec, name)
+            store.check_tensors(store.read_header(path), backend.parameter_shapes(comp.type, comp.config), path)
+        self.modules = {n: backend.load_component(c.type, c.config, str(store.component_path(self.model_dir,
+                                                                                               self.spec, n)))
+                        for n, c in comps.items()}
+        self.tokenizer = None
+        if "text_encoder" in comps:
+            if self.spec.tokenizer is None:
+                raise Dalle2Error(f"model {str(self.model_dir)!r} has a text encoder but no tokenizer in model.json;"
+                                  " re-convert it with `dalle2 convert`")
+            self.tokenizer = load_tokenizer(self.model_dir / "tokenizer", self.spec.tokenizer)
+        self.image_processor = self.spec.image_processor or ImageProcessorConfig()
+
+    def _module(self, name: str):
+        if name not in self.modules:
+            raise Dalle2Error(f"model {str(self.model_dir)!r} has no {name}; use a model that includes it "
+                              "(a full CLIP model has both towers)")
+        return self.modules[name]
+
+    def tokenize(self, texts: list[str] | str) -> np.ndarray:
+        self._module("text_encoder")
+        return self.tokenizer([texts] if isinstance(texts, str) else list(texts))
+
+    def encode_text(self, texts: list[str] | str, return_hidden_states: bool = False):
+        """texts -> text embeddings (B, projection_dim); with return_hidden_states also (B, L, D) token states
+        (the last layer after final_layer_norm, what unCLIP priors condition on)."""
+        module = self._module("text_encoder")
+        ids = self.tokenize(texts)
+        eos = self.spec.components["text_encoder"].config.eos_token_id
+        embeds, states = self.backend.run(module, ids, pool_positions(ids, eos))
+        return (embeds, states) if return_hidden_states else embeds
+
+    def preprocess(self, images) -> np.ndarray:
+        """PIL images or paths -> (B, 3, H, W) float32 as the model's CLIPImageProcessor config makes them."""
+        images = [images] if not isinstance(images, (list, tuple)) else images
+        return clip_preprocess([load_image(i) for i in images], self.image_processor)
+
+    def encode_image(self, images) -> np.ndarray:
+        """PIL images or paths -> image embeddings (B, projection_dim)."""
+        module = self._module("image_encoder")
+        embeds, _ = self.backend.run(module, self.preprocess(images))
+        return embeds
+
+    def similarity(self, texts, images) -> np.ndarray:
+        """Cosine similarities (len(texts), len(images)) of the projected embeddings."""
+        return normalize(self.encode_text(texts)) @ normalize(self.encode_image(images)).T
+
+
+def load_clip(model: str | os.PathLike, backend: str | Backend = "auto", device: str | None = None,
+              dtype: str = "float32", revision: str | None = None) -> CLIP:
+    """CLIP from a model directory, a Hub repo id (converted once, then cached), or a local transformers folder."""
+    from .convert import resolve_model  # converters import nothing heavy, but keep the import graph simple
+
+    model_dir = resolve_model(model, revision=revision)
+    return CLIP(model_dir, get_backend(backend, device=device, dtype=dtype))

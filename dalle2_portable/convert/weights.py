@@ -1,0 +1,119 @@
+"""Read a reference checkpoint tensor by tensor: safetensors (single or sharded) or `.bin` pickles.
+
+Safetensors are opened with `safe_open` and read one tensor at a time. `.bin` files go only through
+`torch.load(weights_only=True)` (no arbitrary pickle code runs), memory-mapped where the file allows it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .. import store
+from ..errors import Dalle2Error
+
+
+def _torch():
+    try:
+        import torch
+    except ImportError:
+        raise Dalle2Error("reading this checkpoint needs PyTorch (a .bin file or bfloat16 tensors); run "
+                          "`pip install 'dalle2_portable[torch]'` or convert from .safetensors files") from None
+    return torch
+
+
+class Checkpoint:
+    """The tensors of one component folder: `{stem}[.variant].safetensors` (or its `.index.json` shards),
+    else `{bin_stem}[.variant].bin` (or its shards). transformers names them model / pytorch_model, diffusers
+    diffusion_pytorch_model for both."""
+
+    def __init__(self, folder: str | Path, stem: str, bin_stem: str | None = None, variant: str | None = None):
+        self.folder = Path(folder)
+        bin_stem = bin_stem or stem
+        v = f".{variant}" if variant else ""
+        self._files: dict[str, Path] = {}  # tensor name -> file
+        self._bins: dict[Path, dict] = {}
+        self._infos: dict[str, store.TensorInfo] = {}
+        st = self._shards(f"{stem}{v}.safetensors")
+        if st:
+            for f in st:
+                for name, info in store.read_header(f).items():  # checks for truncation up front
+                    self._files[name], self._infos[name] = f, info
+        else:
+            bins = self._shards(f"{bin_stem}{v}.bin")
+            if not bins:
+                raise Dalle2Error(f"no weights in {str(self.folder)!r}: expected {stem}{v}.safetensors or "
+                                  f"{bin_stem}{v}.bin; check the source folder or download it completely")
+            for f in bins:
+                sd = self._load_bin(f)
+                self._bins[f] = sd
+                for name, t in sd.items():
+                    self._files[name] = f
+                    self._infos[name] = store.TensorInfo(tuple(t.shape), str(t.dtype))
+        self.files = sorted(set(self._files.values()))
+
+    def _shards(self, filename: str) -> list[Path]:
+        single = self.folder / filename
+        if single.is_file():
+            return [single]
+        index = self.folder / f"{filename}.index.json"
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError) as e:
+                raise Dalle2Error(f"cannot read shard index {str(index)!r} ({e}); re-download it") from None
+            return [self.folder / f for f in sorted(set(weight_map.values()))]
+        return []
+
+    @staticmethod
+    def _load_bin(path: Path) -> dict:
+        torch = _torch()
+        try:
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:
+                if "mmap" not in str(e):
+                    raise
+                return torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+        except Exception as e:  # noqa: BLE001  (any failure of an untrusted file becomes one line)
+            raise Dalle2Error(f"cannot read checkpoint {str(path)!r} ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''}); re-download it") from None
+
+    def names(self) -> list[str]:
+        return list(self._infos)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._infos[name].shape)
+
+    def get(self, name: str) -> np.ndarray:
+        """One tensor as a NumPy array (bfloat16 is widened to float32, which holds it exactly)."""
+        path = self._files[name]
+        if path in self._bins:
+            t = self._bins[path][name]
+            return t.float().numpy() if t.dtype == _torch().bfloat16 else t.numpy()
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            if self._infos[name].dtype == "BF16":
+                with safe_open(path, framework="pt") as f:
+                    return f.get_tensor(name).float().numpy()
+            with safe_open(path, framework="numpy") as f:
+                return f.get_tensor(name)
+        except SafetensorError as e:
+            raise Dalle2Error(f"cannot read tensor {name!r} from {str(path)!r} ({e}); re-download it") from None
+
+
+def expected_shapes(config) -> dict[str, tuple[int, ...]]:
+    """The canonical names and shapes a component config needs, from the module tree of an installed backend
+    (built without allocating: torch's meta device, MLX's lazy init). Converters check a source against it so
+    that a mismatched checkpoint fails before anything is written."""
+    from ..backends import get_backend, installed
+
+    have = installed()
+    if not have:
+        raise Dalle2Error("converting needs a backend to check shapes against; run "
+                          "`pip install 'dalle2_portable[torch]'` or `pip install 'dalle2_portable[mlx]'`")
+    backend = get_backend("torch" if "torch" in have else have[0])
+    return backend.parameter_shapes(config.TYPE, config)

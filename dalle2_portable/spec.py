@@ -1,0 +1,289 @@
+"""The backend-neutral model spec: one frozen dataclass per component config, plus the model directory's index.
+
+Every size a module uses comes from these configs. Each config has exactly one translator from the reference
+library's `config.json` (`from_hf_config`), and every quirk of that format is handled and commented there.
+`to_dict` / `from_dict` are the JSON forms written to `model.json`; `from_dict` is strict, so a typo in a
+hand-edited `model.json` is an error, not a silently ignored key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from .errors import Dalle2Error
+
+FORMAT = 1  # model.json "format"; bump on any incompatible change of the layout below
+
+
+class _Config:
+    """JSON in and out for the frozen config dataclasses below."""
+
+    TYPE: ClassVar[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str = "model.json"):
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise Dalle2Error(f"{where}: unknown key {unknown[0]!r} in a {cls.TYPE} config; "
+                              f"known keys are {sorted(names)}")
+        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+        return cls(**kwargs)
+
+
+def _jsonable(v):
+    return list(v) if isinstance(v, tuple) else v
+
+
+def unsupported(key: str, value: Any, where: str, supported) -> Dalle2Error:
+    """The one-line error for a config value we do not implement."""
+    return Dalle2Error(f"{where}: unsupported {key}={value!r}; supported: {', '.join(map(repr, supported))}")
+
+
+ACTIVATIONS = ("quick_gelu", "gelu")  # the CLIP activations we implement (transformers' ACT2FN names)
+
+
+def _check_transformer(cfg, where: str) -> None:
+    if cfg.hidden_act not in ACTIVATIONS:
+        raise unsupported("hidden_act", cfg.hidden_act, where, ACTIVATIONS)
+    if cfg.hidden_size % cfg.num_attention_heads:
+        raise Dalle2Error(f"{where}: hidden_size {cfg.hidden_size} is not divisible by "
+                          f"num_attention_heads {cfg.num_attention_heads}")
+
+
+@dataclass(frozen=True)
+class CLIPTextConfig(_Config):
+    """transformers `CLIPTextConfig` (defaults are transformers 5's) + the projection of `...WithProjection`."""
+
+    TYPE: ClassVar[str] = "clip_text"
+    vocab_size: int = 49408
+    hidden_size: int = 512
+    intermediate_size: int = 2048
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 8
+    max_position_embeddings: int = 77
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+    projection_dim: int = 512
+    # Which token is pooled: the legacy value 2 (all OpenAI-derived configs) means "argmax of the ids", any other
+    # value means "first position of this id" (transformers PR #24773). See `pool_positions` in backends.
+    eos_token_id: int = 49407
+
+    def __post_init__(self):
+        _check_transformer(self, "text encoder config")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def from_hf_config(cls, d: dict[str, Any], projection_dim: int | None = None) -> CLIPTextConfig:
+        """From a `CLIPTextConfig` dict. A full `CLIPModel` passes its top-level `projection_dim`, which is the
+        one `CLIPModel.text_projection` is built with (the tower's own value is ignored there)."""
+        d = _merge_legacy_dict(d, "text_config_dict")
+        kw = _pick(cls, d)
+        if projection_dim is not None:
+            kw["projection_dim"] = projection_dim
+        return cls(**kw)
+
+
+@dataclass(frozen=True)
+class CLIPVisionConfig(_Config):
+    """transformers `CLIPVisionConfig` + the projection of `CLIPVisionModelWithProjection`."""
+
+    TYPE: ClassVar[str] = "clip_vision"
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    num_channels: int = 3
+    image_size: int = 224
+    patch_size: int = 32
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+    projection_dim: int = 512
+
+    def __post_init__(self):
+        _check_transformer(self, "image encoder config")
+        if self.image_size % self.patch_size:
+            raise Dalle2Error(f"image encoder config: image_size {self.image_size} is not a multiple of "
+                              f"patch_size {self.patch_size}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def num_positions(self) -> int:  # patches + the class token
+        return (self.image_size // self.patch_size) ** 2 + 1
+
+    @classmethod
+    def from_hf_config(cls, d: dict[str, Any], projection_dim: int | None = None) -> CLIPVisionConfig:
+        d = _merge_legacy_dict(d, "vision_config_dict")
+        kw = _pick(cls, d)
+        if projection_dim is not None:
+            kw["projection_dim"] = projection_dim
+        return cls(**kw)
+
+
+def _merge_legacy_dict(d: dict[str, Any], legacy_key: str) -> dict[str, Any]:
+    # Configs saved by transformers 4.16 (the openai/clip-* repos) carry both a full dump and a `*_config_dict`
+    # with the real non-default values; transformers lets the `_dict` form win, so do we.
+    d = dict(d)
+    d.update(d.pop(legacy_key, None) or {})
+    return d
+
+
+def _pick(cls, d: dict[str, Any]) -> dict[str, Any]:
+    """The keys of `d` that are fields of `cls` (HF configs carry many unrelated generation/label keys)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in d.items() if k in names}
+
+
+@dataclass(frozen=True)
+class ImageProcessorConfig(_Config):
+    """transformers `CLIPImageProcessor` settings: resize shortest side, centre crop, rescale, normalise."""
+
+    TYPE: ClassVar[str] = "image_processor"
+    do_resize: bool = True
+    shortest_edge: int = 224
+    resample: int = 3  # PIL.Image.Resampling code; 3 = BICUBIC
+    do_center_crop: bool = True
+    crop_height: int = 224
+    crop_width: int = 224
+    do_rescale: bool = True
+    rescale_factor: float = 1 / 255
+    do_normalize: bool = True
+    image_mean: tuple[float, ...] = (0.48145466, 0.4578275, 0.40821073)
+    image_std: tuple[float, ...] = (0.26862954, 0.26130258, 0.27577711)
+
+    @classmethod
+    def from_hf_config(cls, d: dict[str, Any]) -> ImageProcessorConfig:
+        """From `preprocessor_config.json`, in either the legacy (`"size": 224`, `"crop_size": 224`, as in the
+        openai repos) or the current (`{"shortest_edge": 224}`, `{"height": 224, "width": 224}`) form."""
+        kw = _pick(cls, d)
+        size = d.get("size", 224)
+        if isinstance(size, dict):
+            if "shortest_edge" not in size:
+                raise unsupported("size", size, "preprocessor_config.json", ["{'shortest_edge': N}"])
+            size = size["shortest_edge"]
+        kw["shortest_edge"] = int(size)
+        crop = d.get("crop_size", 224)
+        if isinstance(crop, dict):
+            kw["crop_height"], kw["crop_width"] = int(crop["height"]), int(crop["width"])
+        else:
+            kw["crop_height"] = kw["crop_width"] = int(crop)
+        for key in ("image_mean", "image_std"):
+            if key in kw:
+                kw[key] = tuple(float(x) for x in kw[key])
+        return cls(**kw)
+
+
+@dataclass(frozen=True)
+class TokenizerConfig(_Config):
+    """How the files in `tokenizer/` are read. `kind` is "clip_bpe" (vocab.json + merges.txt, or tokenizer.json)
+    or "sentencepiece" (tokenizer.model)."""
+
+    TYPE: ClassVar[str] = "tokenizer"
+    kind: str = "clip_bpe"
+    max_length: int = 77
+    # The padding token differs per repo: "<|endoftext|>" in openai/clip-*, "!" (id 0) in Karlo.
+    pad_token: str = "<|endoftext|>"
+
+    def __post_init__(self):
+        if self.kind not in ("clip_bpe", "sentencepiece"):
+            raise unsupported("tokenizer kind", self.kind, "model.json", ["clip_bpe", "sentencepiece"])
+
+
+# component type -> its config class. Later issues add the prior, text_proj and the UNets here.
+COMPONENT_TYPES: dict[str, type[_Config]] = {
+    CLIPTextConfig.TYPE: CLIPTextConfig,
+    CLIPVisionConfig.TYPE: CLIPVisionConfig,
+}
+
+# The canonical component names of a model directory, in the order of the flow.
+COMPONENT_NAMES = ("text_encoder", "image_encoder", "prior", "text_proj", "decoder", "super_res_first",
+                   "super_res_last")
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a model directory came from: a Hub repo id or a local path, its revision, and its layout."""
+
+    repo: str
+    revision: str | None = None
+    layout: str = "transformers-clip"
+
+
+@dataclass(frozen=True)
+class Component:
+    type: str
+    config: Any  # one of COMPONENT_TYPES' classes
+    weights: str  # file name inside the model directory
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": self.type, "config": self.config.to_dict(), "weights": self.weights}
+
+    @classmethod
+    def from_dict(cls, name: str, d: dict[str, Any]) -> Component:
+        where = f"model.json component {name!r}"
+        missing = [k for k in ("type", "config", "weights") if k not in d]
+        if missing:
+            raise Dalle2Error(f"{where}: missing key {missing[0]!r}; re-convert the model with `dalle2 convert`")
+        if d["type"] not in COMPONENT_TYPES:
+            raise unsupported("type", d["type"], where, sorted(COMPONENT_TYPES))
+        config = COMPONENT_TYPES[d["type"]].from_dict(d["config"], where)
+        return cls(d["type"], config, d["weights"])
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The content of `model.json`: everything needed to build every component, nothing about a backend."""
+
+    source: Source
+    components: dict[str, Component]
+    tokenizer: TokenizerConfig | None = None
+    image_processor: ImageProcessorConfig | None = None
+    schedulers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    defaults: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "source": dataclasses.asdict(self.source),
+            "components": {k: c.to_dict() for k, c in self.components.items()},
+            "tokenizer": self.tokenizer.to_dict() if self.tokenizer else None,
+            "image_processor": self.image_processor.to_dict() if self.image_processor else None,
+            "schedulers": self.schedulers,
+            "defaults": self.defaults,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelSpec:
+        fmt = d.get("format")
+        if fmt != FORMAT:
+            raise Dalle2Error(f"model.json: unknown format {fmt!r} (this version reads format {FORMAT}); "
+                              "re-convert the model with `dalle2 convert` or upgrade dalle2_portable")
+        try:
+            source = Source(**d["source"])
+            components = {k: Component.from_dict(k, c) for k, c in d["components"].items()}
+        except (KeyError, TypeError) as e:
+            raise Dalle2Error(f"model.json: malformed ({e}); re-convert the model with `dalle2 convert`") from None
+        for name in components:
+            if name not in COMPONENT_NAMES:
+                raise unsupported("component name", name, "model.json", COMPONENT_NAMES)
+        tok = d.get("tokenizer")
+        proc = d.get("image_processor")
+        return cls(
+            source=source,
+            components=components,
+            tokenizer=TokenizerConfig.from_dict(tok) if tok else None,
+            image_processor=ImageProcessorConfig.from_dict(proc) if proc else None,
+            schedulers=d.get("schedulers") or {},
+            defaults=d.get("defaults") or {},
+        )
