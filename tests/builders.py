@@ -1,0 +1,135 @@
+"""Builders of test checkpoints in the exact upstream layouts (shared by the test modules).
+
+Everything is made here with the reference libraries' own `save_pretrained`, since nothing can be downloaded.
+"""
+
+import hashlib
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
+
+from dalle2_portable.tokenizers import CLIP_SPLIT
+
+SYLLABLES = ("th e an in er re on at en nd ti es or te of ed is it al ar st to nt ng se ha as ou io le ve co me de "
+             "hi ri ro ic ne ea ra ce ca fé ïv ström").split()
+
+
+def bytes_to_unicode():
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for c in cs]  # in CLIP's order (byte order of `bs`)
+
+
+def added_token(content):
+    return {"content": content, "single_word": False, "lstrip": False, "rstrip": False, "normalized": True,
+            "__type": "AddedToken"}
+
+
+def hub_tokenizer_files(d, pad):
+    """tokenizer_config.json + special_tokens_map.json as in openai/clip-* (pad "<|endoftext|>") or Karlo ("!")."""
+    cfg = {"unk_token": added_token("<|endoftext|>"), "bos_token": added_token("<|startoftext|>"),
+           "eos_token": added_token("<|endoftext|>"), "pad_token": pad, "add_prefix_space": False, "errors": "replace",
+           "do_lower_case": True, "name_or_path": "openai/clip-vit-large-patch14", "model_max_length": 77,
+           "special_tokens_map_file": "./special_tokens_map.json", "tokenizer_class": "CLIPTokenizer"}
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
+    stm = {k: ({kk: vv for kk, vv in v.items() if kk != "__type"} if isinstance(v, dict) else v)
+           for k, v in cfg.items() if k in ("bos_token", "eos_token", "pad_token", "unk_token")}
+    (d / "special_tokens_map.json").write_text(json.dumps(stm, indent=2))
+
+
+def write_clip_vocab(d: Path) -> Path:
+    """A CLIP-format vocab.json + merges.txt in `d` (no configs): a byte-level BPE trained on a generated corpus,
+    ordered as CLIP orders its vocab (256 byte symbols, the same + "</w>", merge results in rank order, then
+    <|startoftext|>, <|endoftext|>); ~2,700 merges, 0.3 s. The real vocab cannot be downloaded in CI."""
+    rng = random.Random(0)
+    words = ["".join(rng.choice(SYLLABLES) for _ in range(rng.randint(1, 4))) for _ in range(3000)]
+    lines = [" ".join(rng.choice(words) for _ in range(12)) + rng.choice([".", "!", "!!", "?", "...", "'s", " 42"])
+             for _ in range(4000)]
+    tk = Tokenizer(models.BPE(continuing_subword_prefix="", end_of_word_suffix="</w>"))
+    tk.normalizer = normalizers.Sequence(
+        [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
+    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(CLIP_SPLIT), "removed", invert=True),
+                                                pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tk.train_from_iterator(lines, trainers.BpeTrainer(
+        vocab_size=4000, min_frequency=2, show_progress=False, end_of_word_suffix="</w>",
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    merges = [tuple(m) for m in json.loads(tk.to_str())["model"]["merges"]]
+    assert len(merges) > 2000
+    symbols = bytes_to_unicode()
+    vocab = symbols + [s + "</w>" for s in symbols]
+    for merged in dict.fromkeys(a + b for a, b in merges):  # each merge's result, in rank order
+        vocab.append(merged)
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False))
+    (d / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    return d
+
+
+def put_in_hub_cache(folder: Path, repo_id: str, cache: Path, revision: str = "main") -> str:
+    """Lay `folder` out as huggingface_hub caches a snapshot of `repo_id` (blobs, snapshot symlinks, refs).
+
+    Returns the commit hash. `revision` names the ref that points at it (a branch or tag name).
+    """
+    repo_dir = cache / f"models--{repo_id.replace('/', '--')}"
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    commit = hashlib.sha1(b"".join(p.read_bytes()[:1024] for p in files) + revision.encode()).hexdigest()
+    snap = repo_dir / "snapshots" / commit
+    for p in files:
+        data = p.read_bytes()
+        blob = repo_dir / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        if not blob.exists():
+            shutil.copyfile(p, blob)
+        link = snap / p.relative_to(folder)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    (repo_dir / "refs").mkdir(parents=True, exist_ok=True)
+    (repo_dir / "refs" / revision).write_text(commit)
+    return commit
+
+
+TINY_TEXT = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                 max_position_embeddings=77)
+TINY_VISION = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+                   patch_size=8)
+
+
+def write_tiny_clip(d: Path, vocab_dir: Path, kind: str = "clip", pad: str = "<|endoftext|>", seed: int = 0,
+                    safetensors: bool = True, text: dict | None = None, vision: dict | None = None) -> Path:
+    """A tiny random transformers CLIP checkpoint saved as the Hub stores one, with tokenizer files from
+    `vocab_dir` and a preprocessor_config.json. kind: "clip" (CLIPModel), "text" (CLIPTextModelWithProjection)
+    or "vision" (CLIPVisionModelWithProjection). `text` / `vision` override config values."""
+    import torch
+    from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTextConfig,
+                              CLIPTextModelWithProjection, CLIPVisionConfig, CLIPVisionModelWithProjection)
+
+    vocab_size = len(json.loads((vocab_dir / "vocab.json").read_text()))
+    tcfg = dict(TINY_TEXT, vocab_size=vocab_size, bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1,
+                projection_dim=16, **(text or {}))
+    vcfg = dict(TINY_VISION, projection_dim=16, **(vision or {}))
+    torch.manual_seed(seed)
+    if kind == "clip":
+        model = CLIPModel(CLIPConfig(text_config=tcfg, vision_config=vcfg, projection_dim=16))
+    elif kind == "text":
+        model = CLIPTextModelWithProjection(CLIPTextConfig(**tcfg))
+    else:
+        model = CLIPVisionModelWithProjection(CLIPVisionConfig(**vcfg))
+    d.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(d, safe_serialization=safetensors)
+    if kind != "vision":
+        for f in ("vocab.json", "merges.txt"):
+            shutil.copy(vocab_dir / f, d / f)
+        hub_tokenizer_files(d, pad)
+    if kind != "text":
+        CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(d)
+    return d

@@ -1,0 +1,43 @@
+"""Shared fixtures: tiny reference models built with transformers, placed in folders and in a local Hub cache.
+
+Nothing here touches the network: HF_HUB_OFFLINE is set before huggingface_hub is imported, and every
+checkpoint is made by the tests in the exact upstream layout (`save_pretrained`).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from dalle2_portable.backends import installed  # noqa: E402
+
+BACKENDS = installed()
+
+
+def backend_params():
+    """Parametrise a test over the installed backends (a missing one is reported as a skip with its reason)."""
+    return [pytest.param(name, marks=pytest.mark.skipif(name not in BACKENDS, reason=f"{name} not installed"))
+            for name in ("torch", "mlx")]
+
+
+@pytest.fixture(autouse=True)
+def _isolated_caches(tmp_path_factory, monkeypatch):
+    """Each test converts into its own cache and sees an empty Hub cache unless it builds one."""
+    root = tmp_path_factory.mktemp("caches")
+    monkeypatch.setenv("DALLE2_CACHE", str(root / "dalle2"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(root / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def assert_close_to_scale(actual, expected, rel: float, what: str = ""):
+    """max |actual - expected| <= rel * max |expected| (the brief's "of the output's scale")."""
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    scale = np.abs(expected).max()
+    err = np.abs(actual - expected).max()
+    assert err <= rel * scale, f"{what}: max abs diff {err:.3g} > {rel:g} x scale {scale:.3g}"
+    return err / scale
