@@ -125,7 +125,17 @@ def write_tiny_clip(d: Path, vocab_dir: Path, kind: str = "clip", pad: str = "<|
     else:
         model = CLIPVisionModelWithProjection(CLIPVisionConfig(**vcfg))
     d.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(d, safe_serialization=safetensors)
+    model.save_pretrained(d)
+    if not safetensors:
+        # transformers 5 writes only safetensors; the Hub's older repos hold pytorch_model.bin pickles that
+        # also carry the int64 `position_ids` buffers (karlo-v1-alpha.md: "torch.LongStorage").
+        (d / "model.safetensors").unlink()
+        sd = dict(model.state_dict())
+        for tower, n in (("text_model", tcfg["max_position_embeddings"]),
+                         ("vision_model", (vcfg["image_size"] // vcfg["patch_size"]) ** 2 + 1)):
+            if any(k.startswith(tower) for k in sd):
+                sd[f"{tower}.embeddings.position_ids"] = torch.arange(n)[None]
+        torch.save(sd, d / "pytorch_model.bin")
     if kind != "vision":
         for f in ("vocab.json", "merges.txt"):
             shutil.copy(vocab_dir / f, d / f)
