@@ -41,3 +41,18 @@ def assert_close_to_scale(actual, expected, rel: float, what: str = ""):
     err = np.abs(actual - expected).max()
     assert err <= rel * scale, f"{what}: max abs diff {err:.3g} > {rel:g} x scale {scale:.3g}"
     return err / scale
+
+
+_PASSED = 0
+
+
+def pytest_runtest_logreport(report):
+    global _PASSED
+    if report.when == "call" and report.passed:
+        _PASSED += 1
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """A run in which nothing passed (nothing collected, or everything skipped) is a failure, not a pass."""
+    if exitstatus == 0 and _PASSED == 0:
+        session.exitstatus = 1

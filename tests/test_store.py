@@ -1,0 +1,143 @@
+"""The model directory: round trip, and every kind of bad directory giving one line and loading nothing."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from builders import write_clip_vocab, write_tiny_clip
+from conftest import backend_params
+from safetensors.numpy import load_file, save_file
+
+import dalle2_portable as d2
+from dalle2_portable import store
+from dalle2_portable.backends import get_backend
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("store")
+    src = write_tiny_clip(root / "src", write_clip_vocab(root / "vocab"))
+    d2.convert(src, root / "model")
+    return root / "model"
+
+
+@pytest.fixture
+def copy(model_dir, tmp_path):
+    out = tmp_path / "m"
+    shutil.copytree(model_dir, out)
+    return out
+
+
+def _fails(path, match, backend="torch"):
+    with pytest.raises(d2.Dalle2Error, match=match) as e:
+        d2.load_clip(path, backend=backend)
+    assert "\n" not in str(e.value)
+    return str(e.value)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_round_trip_weights(model_dir, tmp_path, backend):
+    """Weights loaded into a backend and read back equal the file exactly (layout changes undone)."""
+    clip = d2.load_clip(model_dir, backend=backend)
+    for name, module in clip.modules.items():
+        on_disk = load_file(str(model_dir / f"{name}.safetensors"))
+        got = clip.backend.state_dict(module)
+        assert sorted(got) == sorted(on_disk)
+        for k in on_disk:
+            np.testing.assert_array_equal(got[k], on_disk[k], err_msg=k)
+
+
+def test_spec_round_trip(model_dir, tmp_path):
+    spec = store.read_spec(model_dir)
+    store.write_spec(tmp_path, spec)
+    assert store.read_spec(tmp_path) == spec
+    assert json.loads((tmp_path / "model.json").read_text())["format"] == 1
+
+
+def test_unknown_format(copy):
+    d = json.loads((copy / "model.json").read_text())
+    d["format"] = 99
+    (copy / "model.json").write_text(json.dumps(d))
+    _fails(copy, "unknown format 99")
+
+
+def test_not_a_model_directory(tmp_path):
+    _fails(tmp_path, "neither an existing folder|holds no config.json|not a dalle2_portable")
+    (tmp_path / "model.json").write_text("{not json")
+    _fails(tmp_path, "cannot read")
+
+
+def test_missing_component_file(copy):
+    (copy / "image_encoder.safetensors").unlink()
+    assert "image_encoder.safetensors" in _fails(copy, "is missing")
+
+
+def test_missing_unexpected_misshaped_tensor(copy):
+    path = copy / "text_encoder.safetensors"
+    good = load_file(str(path))
+    name = "text_model.encoder.layers.1.mlp.fc2.bias"
+
+    missing = {k: v for k, v in good.items() if k != name}
+    save_file(missing, str(path))
+    msg = _fails(copy, "missing tensor")
+    assert name in msg and str(path) in msg
+
+    save_file({**good, "text_model.extra.weight": np.zeros(3, np.float32)}, str(path))
+    assert "text_model.extra.weight" in _fails(copy, "unexpected tensor")
+
+    save_file({**good, name: np.zeros(5, np.float32)}, str(path))
+    msg = _fails(copy, r"has shape \[5\], the config needs \[32\]")
+    assert name in msg
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_truncated_file_fails_before_loading(copy, backend):
+    path = copy / "text_encoder.safetensors"
+    path.write_bytes(path.read_bytes()[:-100])
+    assert str(path) in _fails(copy, "truncated", backend=backend)
+
+
+def test_validation_happens_before_allocation(copy, monkeypatch):
+    """A bad second file is reported before the first component is built."""
+    (copy / "image_encoder.safetensors").write_bytes(b"\x00" * 4)
+    backend = get_backend("torch")
+    built = []
+    monkeypatch.setattr(type(backend), "load_component", lambda self, *a: built.append(a))
+    with pytest.raises(d2.Dalle2Error, match="not a readable safetensors"):
+        d2.clip.CLIP(copy, backend)
+    assert built == []
+
+
+def test_atomic_directory_keeps_old_on_failure(tmp_path):
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    with pytest.raises(RuntimeError):
+        with store.atomic_directory(out, overwrite=True) as tmp:
+            (tmp / "half.safetensors").write_bytes(b"partial")
+            raise RuntimeError("interrupted")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    assert (out / "old.txt").read_text() == "old"
+
+
+def test_streaming_writer_matches_safetensors(tmp_path):
+    rng = np.random.default_rng(0)
+    tensors = {"a.weight": rng.standard_normal((3, 4)).astype(np.float32), "b": rng.standard_normal(7)}
+    for dtype, np_dtype in (("float32", np.float32), ("float16", np.float16)):
+        path = tmp_path / f"{dtype}.safetensors"
+        store.write_tensors(path, [(k, v.shape) for k, v in tensors.items()], tensors.__getitem__, dtype)
+        back = load_file(str(path))
+        for k, v in tensors.items():
+            np.testing.assert_array_equal(back[k], v.astype(np_dtype))
+    # bfloat16: round to nearest even, read back with torch
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import load_file as load_torch
+
+    path = tmp_path / "bf16.safetensors"
+    store.write_tensors(path, [(k, v.shape) for k, v in tensors.items()], tensors.__getitem__, "bfloat16")
+    back = load_torch(str(path))
+    for k, v in tensors.items():
+        torch.testing.assert_close(back[k], torch.from_numpy(v).to(torch.bfloat16), rtol=0, atol=0)
