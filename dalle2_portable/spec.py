@@ -83,13 +83,8 @@ class CLIPTextConfig(_Config):
 
     @classmethod
     def from_hf_config(cls, d: dict[str, Any], projection_dim: int | None = None) -> CLIPTextConfig:
-        """From a `CLIPTextConfig` dict. A full `CLIPModel` passes its top-level `projection_dim`, which is the
-        one `CLIPModel.text_projection` is built with (the tower's own value is ignored there)."""
-        d = _merge_legacy_dict(d, "text_config_dict")
-        kw = _pick(cls, d)
-        if projection_dim is not None:
-            kw["projection_dim"] = projection_dim
-        return cls(**kw)
+        """From a transformers `CLIPTextConfig` dict (see `_clip_tower_from_hf`)."""
+        return _clip_tower_from_hf(cls, d, "text_config_dict", projection_dim)
 
 
 @dataclass(frozen=True)
@@ -124,19 +119,21 @@ class CLIPVisionConfig(_Config):
 
     @classmethod
     def from_hf_config(cls, d: dict[str, Any], projection_dim: int | None = None) -> CLIPVisionConfig:
-        d = _merge_legacy_dict(d, "vision_config_dict")
-        kw = _pick(cls, d)
-        if projection_dim is not None:
-            kw["projection_dim"] = projection_dim
-        return cls(**kw)
+        """From a transformers `CLIPVisionConfig` dict (see `_clip_tower_from_hf`)."""
+        return _clip_tower_from_hf(cls, d, "vision_config_dict", projection_dim)
 
 
-def _merge_legacy_dict(d: dict[str, Any], legacy_key: str) -> dict[str, Any]:
-    # Configs saved by transformers 4.16 (the openai/clip-* repos) carry both a full dump and a `*_config_dict`
-    # with the real non-default values; transformers lets the `_dict` form win, so do we.
-    d = dict(d)
-    d.update(d.pop(legacy_key, None) or {})
-    return d
+def _clip_tower_from_hf(cls, d: dict[str, Any], legacy_key: str, projection_dim: int | None):
+    """One CLIP tower config from its transformers dict. Quirks handled here:
+    - configs saved by transformers 4.16 (the openai/clip-* repos) carry both a full dump and a
+      `*_config_dict` with the real non-default values; transformers lets the `_dict` form win, so do we;
+    - a full `CLIPModel` builds both projections with its top-level `projection_dim` (the towers' own values
+      are ignored there), so its converter passes that one in."""
+    d = {**d, **(d.get(legacy_key) or {})}
+    kw = _pick(cls, d)
+    if projection_dim is not None:
+        kw["projection_dim"] = projection_dim
+    return cls(**kw)
 
 
 def _pick(cls, d: dict[str, Any]) -> dict[str, Any]:

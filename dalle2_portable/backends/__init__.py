@@ -29,6 +29,7 @@ class Backend(ABC):
     """One framework on one device in one compute dtype."""
 
     name: str
+    MODULES: dict[str, type]  # component type -> this backend's module class (same class names in every backend)
 
     def __init__(self, device: str | None = None, dtype: str = "float32"):
         if dtype not in DTYPES:
@@ -44,6 +45,13 @@ class Backend(ABC):
         """The device to use ('cpu', 'cuda', 'gpu', ...); a device that is not there is a one-line error."""
 
     # -- modules ---------------------------------------------------------------------------------------------
+    def module_class(self, component_type: str) -> type:
+        try:
+            return self.MODULES[component_type]
+        except KeyError:
+            raise Dalle2Error(f"the {self.name} backend has no module for component type {component_type!r}; "
+                              "upgrade dalle2_portable") from None
+
     @abstractmethod
     def build(self, component_type: str, config: Any):
         """A module with random initial weights, on this backend's device and dtype."""

@@ -46,19 +46,7 @@ from ...errors import Dalle2Error  # noqa: E402
 from .. import Backend  # noqa: E402
 from .clip import CLIPTextModelWithProjection, CLIPVisionModelWithProjection  # noqa: E402
 
-MODULES = {
-    "clip_text": CLIPTextModelWithProjection,
-    "clip_vision": CLIPVisionModelWithProjection,
-}
 _DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
-
-
-def module_class(component_type: str):
-    try:
-        return MODULES[component_type]
-    except KeyError:
-        raise Dalle2Error(f"the mlx backend has no module for component type {component_type!r}; "
-                          "upgrade dalle2_portable") from None
 
 
 def _conv_weights(module: nn.Module) -> set[str]:
@@ -78,6 +66,10 @@ def _to_canonical_layout(name: str, w, convs: set[str]):
 
 class MLXBackend(Backend):
     name = "mlx"
+    MODULES = {
+        "clip_text": CLIPTextModelWithProjection,
+        "clip_vision": CLIPVisionModelWithProjection,
+    }
 
     def _resolve_device(self, device: str | None) -> str:
         if device is None:
@@ -97,7 +89,7 @@ class MLXBackend(Backend):
         return _DTYPES[self.dtype]
 
     def build(self, component_type, config):
-        module = module_class(component_type)(config)
+        module = self.module_class(component_type)(config)
         module.set_dtype(self.mx_dtype)
         module.eval()
         with mx.stream(self.stream):
@@ -106,7 +98,7 @@ class MLXBackend(Backend):
 
     def parameter_shapes(self, component_type, config):
         # MLX is lazy: the random init is a graph that is never evaluated, so nothing is allocated here.
-        module = module_class(component_type)(config)
+        module = self.module_class(component_type)(config)
         convs = _conv_weights(module)
         out = {}
         for name, p in tree_flatten(module.parameters()):
@@ -128,7 +120,7 @@ class MLXBackend(Backend):
         self._load(module, list(mx.load(str(path)).items()))
 
     def load_component(self, component_type, config, path):
-        module = module_class(component_type)(config)  # lazy init, replaced before it is ever evaluated
+        module = self.module_class(component_type)(config)  # lazy init, replaced before it is ever evaluated
         module.eval()
         self.load_file(module, path)
         return module

@@ -10,23 +10,15 @@ from ...errors import Dalle2Error
 from .. import Backend
 from .clip import CLIPTextModelWithProjection, CLIPVisionModelWithProjection
 
-MODULES = {
-    "clip_text": CLIPTextModelWithProjection,
-    "clip_vision": CLIPVisionModelWithProjection,
-}
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def module_class(component_type: str):
-    try:
-        return MODULES[component_type]
-    except KeyError:
-        raise Dalle2Error(f"the torch backend has no module for component type {component_type!r}; "
-                          "upgrade dalle2_portable") from None
 
 
 class TorchBackend(Backend):
     name = "torch"
+    MODULES = {
+        "clip_text": CLIPTextModelWithProjection,
+        "clip_vision": CLIPVisionModelWithProjection,
+    }
 
     def _resolve_device(self, device: str | None) -> str:
         if device is None:  # the fastest device present
@@ -49,12 +41,12 @@ class TorchBackend(Backend):
 
     def build(self, component_type, config):
         with torch.device(self.device):
-            module = module_class(component_type)(config)
+            module = self.module_class(component_type)(config)
         return module.to(self.torch_dtype).eval()
 
     def parameter_shapes(self, component_type, config):
         with torch.device("meta"):  # shapes without allocating a byte
-            module = module_class(component_type)(config)
+            module = self.module_class(component_type)(config)
         return {k: tuple(v.shape) for k, v in module.state_dict().items()}
 
     def load_weights(self, module, tensors):
@@ -70,7 +62,7 @@ class TorchBackend(Backend):
 
     def load_component(self, component_type, config, path):
         with torch.device("meta"):  # no random init to throw away: the file's tensors are assigned
-            module = module_class(component_type)(config)
+            module = self.module_class(component_type)(config)
         self.load_file(module, path)
         return module.eval()
 
