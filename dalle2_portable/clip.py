@@ -49,16 +49,14 @@ class CLIP:
         if not towers:
             raise Dalle2Error(f"model {str(self.model_dir)!r} has no CLIP tower (text_encoder or image_encoder); "
                               "use a CLIP or unCLIP model")
-        comps = {n: self.spec.components[n] for n in towers}
-        # Validate every file against the module tree before allocating anything.
-        for name, comp in comps.items():
+        store.validate(self.model_dir, self.spec, backend.parameter_shapes, towers)  # before any allocation
+        self.modules = {}
+        for name in towers:
+            comp = self.spec.components[name]
             path = store.component_path(self.model_dir, self.spec, name)
-            store.check_tensors(store.read_header(path), backend.parameter_shapes(comp.type, comp.config), path)
-        self.modules = {n: backend.load_component(c.type, c.config, str(store.component_path(self.model_dir,
-                                                                                               self.spec, n)))
-                        for n, c in comps.items()}
+            self.modules[name] = backend.load_component(comp.type, comp.config, str(path))
         self.tokenizer = None
-        if "text_encoder" in comps:
+        if "text_encoder" in towers:
             if self.spec.tokenizer is None:
                 raise Dalle2Error(f"model {str(self.model_dir)!r} has a text encoder but no tokenizer in model.json;"
                                   " re-convert it with `dalle2 convert`")

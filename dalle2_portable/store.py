@@ -126,9 +126,11 @@ def component_path(model_dir: str | os.PathLike, spec: ModelSpec, name: str) -> 
     return Path(model_dir) / spec.components[name].weights
 
 
-def validate(model_dir: str | os.PathLike, spec: ModelSpec, shapes_of) -> None:
-    """Check every component file against `shapes_of(type, config) -> {name: shape}` before any allocation."""
-    for name, comp in spec.components.items():
+def validate(model_dir: str | os.PathLike, spec: ModelSpec, shapes_of, names=None) -> None:
+    """Check the component files (`names`, default all) against `shapes_of(type, config) -> {name: shape}`,
+    reading only their headers: call it before allocating anything."""
+    for name in spec.components if names is None else names:
+        comp = spec.components[name]
         path = component_path(model_dir, spec, name)
         check_tensors(read_header(path), shapes_of(comp.type, comp.config), path)
 

@@ -35,6 +35,7 @@ class Checkpoint:
         v = f".{variant}" if variant else ""
         self._files: dict[str, Path] = {}  # tensor name -> file
         self._bins: dict[Path, dict] = {}
+        self._handles: dict[tuple[Path, str], object] = {}
         self._infos: dict[str, store.TensorInfo] = {}
         st = self._shards(f"{stem}{v}.safetensors")
         if st:
@@ -81,6 +82,15 @@ class Checkpoint:
             raise Dalle2Error(f"cannot read checkpoint {str(path)!r} ({type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else ''}); re-download it") from None
 
+    def _handle(self, path: Path, framework: str):
+        """One open (memory-mapped) safe_open handle per file and framework, reused for every tensor."""
+        from safetensors import safe_open
+
+        key = (path, framework)
+        if key not in self._handles:
+            self._handles[key] = safe_open(path, framework=framework)
+        return self._handles[key]
+
     def names(self) -> list[str]:
         return list(self._infos)
 
@@ -93,14 +103,12 @@ class Checkpoint:
         if path in self._bins:
             t = self._bins[path][name]
             return t.float().numpy() if t.dtype == _torch().bfloat16 else t.numpy()
-        from safetensors import SafetensorError, safe_open
+        from safetensors import SafetensorError
 
         try:
             if self._infos[name].dtype == "BF16":
-                with safe_open(path, framework="pt") as f:
-                    return f.get_tensor(name).float().numpy()
-            with safe_open(path, framework="numpy") as f:
-                return f.get_tensor(name)
+                return self._handle(path, "pt").get_tensor(name).float().numpy()
+            return self._handle(path, "numpy").get_tensor(name)
         except SafetensorError as e:
             raise Dalle2Error(f"cannot read tensor {name!r} from {str(path)!r} ({e}); re-download it") from None
 
