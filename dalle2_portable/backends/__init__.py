@@ -120,9 +120,9 @@ def _cuda_available() -> bool:
 def auto_backend() -> str:
     """MLX on Apple Silicon; PyTorch where CUDA is present; otherwise the faster on a CPU: PyTorch.
 
-    The CPU figure behind the last rule (README, benchmarks/backend_speed.py, 2 cores x86-64): CLIP ViT-B/32
-    text + image towers are several times faster on PyTorch's oneDNN than on MLX's CPU backend, even with
-    OpenBLAS preloaded, because MLX's CPU transcendental ops (exp, erf, sigmoid) are ~25 ns per element.
+    The CPU figure behind the last rule (README "Backends", benchmarks/backend_speed.py, 2-core x86-64, CLIP
+    ViT-B/32, batch 8): PyTorch 312 / 488 ms (text / image), MLX with OpenBLAS preloaded 611 / 749 ms, MLX with
+    its bundled BLAS ~20 / 29 s. PyTorch is ~2x faster than the best MLX CPU setup.
     """
     have = installed()
     if not have:
