@@ -197,10 +197,104 @@ class TokenizerConfig(_Config):
             raise unsupported("tokenizer kind", self.kind, "model.json", ["clip_bpe", "sentencepiece"])
 
 
-# component type -> its config class. Later issues add the prior, text_proj and the UNets here.
+# -- unCLIP (diffusers) components ---------------------------------------------------------------------------
+
+def _only(d: dict[str, Any], key: str, default: Any, supported: tuple, where: str) -> Any:
+    """The value of `key` (diffusers' default when absent), which must be one of `supported`."""
+    value = d.get(key, default)
+    if value not in supported:
+        raise unsupported(key, value, where, supported)
+    return value
+
+
+@dataclass(frozen=True)
+class PriorConfig(_Config):
+    """diffusers `PriorTransformer` in the configuration Karlo uses (reference karlo-v1-alpha.md section 3).
+
+    Token sequence: [text states (num_embeddings), text embedding, time embedding, x_t, prd] -> the prd token's
+    output is the predicted CLIP image embedding. Sizes resolved from diffusers' `None` defaults are stored
+    resolved, so the dataclass alone says every shape."""
+
+    TYPE: ClassVar[str] = "prior"
+    num_attention_heads: int = 32
+    attention_head_dim: int = 64
+    num_layers: int = 20
+    embedding_dim: int = 768  # x_t and text-state width (proj_in, encoder_hidden_states_proj inputs)
+    num_embeddings: int = 77  # text tokens
+    additional_embeddings: int = 4  # text embedding, time, x_t, prd
+    time_embed_dim: int = 2048  # diffusers: None -> inner_dim
+    embedding_proj_dim: int = 768  # width of proj_embedding (the CLIP text embedding); None -> embedding_dim
+    clip_embed_dim: int = 768  # output width; None -> embedding_dim
+
+    def __post_init__(self):
+        if self.additional_embeddings != 4:
+            # 4 is what the 4 appended tokens fill exactly; other values make diffusers pad the positional
+            # embedding (fewer) or leave it longer than the sequence (more): not used by any model we convert.
+            raise unsupported("additional_embeddings", self.additional_embeddings, "prior config", (4,))
+
+    @property
+    def inner_dim(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+    @property
+    def sequence_length(self) -> int:
+        return self.num_embeddings + self.additional_embeddings
+
+    @classmethod
+    def from_hf_config(cls, d: dict[str, Any]) -> PriorConfig:
+        """From diffusers' `prior/config.json`. Quirks handled here:
+        - Karlo's file (diffusers 0.11) predates the keys below; diffusers fills its defaults, which are Karlo's
+          architecture, so absence means the default. Any other value of these architecture switches is an
+          error: `time_embed_act_fn` (SiLU), `norm_in_type` / `embedding_proj_norm_type` (no LayerNorm),
+          `encoder_hid_proj_type` (a Linear on the text states), `added_emb_type` (the learned prd token);
+        - `time_embed_dim`, `embedding_proj_dim`, `clip_embed_dim` may be null, meaning inner_dim, embedding_dim
+          and embedding_dim (diffusers `PriorTransformer.__init__`);
+        - `dropout` only acts in training; inference ignores it."""
+        where = "prior config.json"
+        _only(d, "time_embed_act_fn", "silu", ("silu",), where)
+        _only(d, "norm_in_type", None, (None,), where)
+        _only(d, "embedding_proj_norm_type", None, (None,), where)
+        _only(d, "encoder_hid_proj_type", "linear", ("linear",), where)
+        _only(d, "added_emb_type", "prd", ("prd",), where)
+        _only(d, "additional_embeddings", 4, (4,), where)
+        kw = {k: d[k] for k in ("num_attention_heads", "attention_head_dim", "num_layers", "embedding_dim",
+                                "num_embeddings") if k in d}
+        base = cls(**kw)
+        return dataclasses.replace(
+            base,
+            time_embed_dim=d.get("time_embed_dim") or base.inner_dim,
+            embedding_proj_dim=d.get("embedding_proj_dim") or base.embedding_dim,
+            clip_embed_dim=d.get("clip_embed_dim") or base.embedding_dim,
+        )
+
+
+@dataclass(frozen=True)
+class TextProjConfig(_Config):
+    """diffusers `UnCLIPTextProjModel` (reference section 4): CLIP embeddings -> the decoder's extra time
+    embedding and its extra context tokens. diffusers has no switches here, only sizes."""
+
+    TYPE: ClassVar[str] = "text_proj"
+    clip_embeddings_dim: int = 768
+    time_embed_dim: int = 1280  # the decoder's time embedding width (4 x its first block's channels)
+    cross_attention_dim: int = 1536  # the decoder's context width
+    clip_extra_context_tokens: int = 4
+
+    @classmethod
+    def from_hf_config(cls, d: dict[str, Any]) -> TextProjConfig:
+        """From diffusers' `text_proj/config.json`; `time_embed_dim` and `cross_attention_dim` have no default in
+        diffusers (keyword-only, required), so a file without them is an error here too."""
+        for key in ("time_embed_dim", "cross_attention_dim"):
+            if key not in d:
+                raise Dalle2Error(f"text_proj config.json: missing required key {key!r}")
+        return cls(**_pick(cls, d))
+
+
+# component type -> its config class. Later issues add the UNets here.
 COMPONENT_TYPES: dict[str, type[_Config]] = {
     CLIPTextConfig.TYPE: CLIPTextConfig,
     CLIPVisionConfig.TYPE: CLIPVisionConfig,
+    PriorConfig.TYPE: PriorConfig,
+    TextProjConfig.TYPE: TextProjConfig,
 }
 
 # The canonical component names of a model directory, in the order of the flow.

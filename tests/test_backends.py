@@ -12,7 +12,7 @@ from conftest import BACKENDS
 
 from dalle2_portable import backends
 from dalle2_portable.errors import Dalle2Error
-from dalle2_portable.spec import COMPONENT_TYPES, CLIPTextConfig, CLIPVisionConfig
+from dalle2_portable.spec import COMPONENT_TYPES, CLIPTextConfig, CLIPVisionConfig, PriorConfig, TextProjConfig
 
 
 def _hf_text(cfg):
@@ -27,6 +27,22 @@ def _hf_vision(cfg):
     return CLIPVisionModelWithProjection(C(**cfg.to_dict()))
 
 
+def _hf_prior(cfg):
+    from diffusers import PriorTransformer
+
+    return PriorTransformer(num_attention_heads=cfg.num_attention_heads, attention_head_dim=cfg.attention_head_dim,
+                            num_layers=cfg.num_layers, embedding_dim=cfg.embedding_dim,
+                            num_embeddings=cfg.num_embeddings, additional_embeddings=cfg.additional_embeddings,
+                            time_embed_dim=cfg.time_embed_dim, embedding_proj_dim=cfg.embedding_proj_dim,
+                            clip_embed_dim=cfg.clip_embed_dim)
+
+
+def _hf_text_proj(cfg):
+    from diffusers.pipelines.unclip.text_proj import UnCLIPTextProjModel
+
+    return UnCLIPTextProjModel(**cfg.to_dict())
+
+
 # Every component type: a tiny config and the reference module whose state_dict names are the canonical names.
 # A new component type must be added here (the first test fails until it is).
 TINY = {
@@ -35,6 +51,12 @@ TINY = {
     "clip_vision": (CLIPVisionConfig(hidden_size=16, intermediate_size=24, num_hidden_layers=2,
                                      num_attention_heads=2, image_size=16, patch_size=4, projection_dim=8),
                     _hf_vision),
+    # time/embedding_proj/clip widths differ from inner_dim and embedding_dim so that each size is checked
+    "prior": (PriorConfig(num_attention_heads=2, attention_head_dim=8, num_layers=2, embedding_dim=12,
+                          num_embeddings=7, time_embed_dim=20, embedding_proj_dim=10, clip_embed_dim=14),
+              _hf_prior),
+    "text_proj": (TextProjConfig(clip_embeddings_dim=16, time_embed_dim=32, cross_attention_dim=24,
+                                 clip_extra_context_tokens=4), _hf_text_proj),
 }
 
 

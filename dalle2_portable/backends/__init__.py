@@ -75,8 +75,8 @@ class Backend(ABC):
     # -- calls -----------------------------------------------------------------------------------------------
     @abstractmethod
     def run(self, module, *inputs: np.ndarray) -> tuple[np.ndarray, ...]:
-        """Call `module` on NumPy inputs (floats cast to the compute dtype, integers kept), without gradients,
-        and return its outputs as float32 NumPy arrays."""
+        """Call `module` on NumPy inputs (floats cast to the compute dtype, integers and bools kept, None passed
+        as None), without gradients, and return its outputs as float32 NumPy arrays."""
 
     def load_component(self, component_type: str, config: Any, path: str):
         """Build a component and load its weights (the caller validated the file with `store.validate`)."""

@@ -45,6 +45,8 @@ from mlx.utils import tree_flatten  # noqa: E402
 from ...errors import Dalle2Error  # noqa: E402
 from .. import Backend  # noqa: E402
 from .clip import CLIPTextModelWithProjection, CLIPVisionModelWithProjection  # noqa: E402
+from .prior import PriorTransformer  # noqa: E402
+from .text_proj import UnCLIPTextProjModel  # noqa: E402
 
 _DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
@@ -69,6 +71,8 @@ class MLXBackend(Backend):
     MODULES = {
         "clip_text": CLIPTextModelWithProjection,
         "clip_vision": CLIPVisionModelWithProjection,
+        "prior": PriorTransformer,
+        "text_proj": UnCLIPTextProjModel,
     }
 
     def _resolve_device(self, device: str | None) -> str:
@@ -133,7 +137,11 @@ class MLXBackend(Backend):
     def run(self, module, *inputs):
         args = []
         for x in inputs:
-            a = mx.array(np.ascontiguousarray(x))
+            if x is None:  # an optional input left out (e.g. the prior's attention mask)
+                args.append(None)
+                continue
+            x = np.ascontiguousarray(x)  # Python scalars/bools too (e.g. text_proj's CFG flag), as torch's run
+            a = mx.array(x)
             args.append(a.astype(self.mx_dtype) if np.issubdtype(x.dtype, np.floating) else a)
         with mx.stream(self.stream):
             out = module(*args)

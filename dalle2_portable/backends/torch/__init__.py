@@ -9,6 +9,8 @@ from safetensors.torch import load_file
 from ...errors import Dalle2Error
 from .. import Backend
 from .clip import CLIPTextModelWithProjection, CLIPVisionModelWithProjection
+from .prior import PriorTransformer
+from .text_proj import UnCLIPTextProjModel
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -18,6 +20,8 @@ class TorchBackend(Backend):
     MODULES = {
         "clip_text": CLIPTextModelWithProjection,
         "clip_vision": CLIPVisionModelWithProjection,
+        "prior": PriorTransformer,
+        "text_proj": UnCLIPTextProjModel,
     }
 
     def _resolve_device(self, device: str | None) -> str:
@@ -72,6 +76,9 @@ class TorchBackend(Backend):
     def run(self, module, *inputs):
         args = []
         for x in inputs:
+            if x is None:  # an optional input left out (e.g. the prior's attention mask)
+                args.append(None)
+                continue
             t = torch.from_numpy(np.ascontiguousarray(x))
             args.append(t.to(self.device, self.torch_dtype) if t.is_floating_point() else t.to(self.device))
         with torch.inference_mode():
