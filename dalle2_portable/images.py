@@ -58,9 +58,8 @@ def load_image(src: ImageSource) -> Image.Image:
     if not isinstance(src, (str, os.PathLike)):
         raise TypeError(f"load_image: expected a path or a PIL image, got {type(src).__name__}")
     path = os.fspath(src)
-    if os.path.isdir(path):
-        raise Dalle2Error(f"cannot read image {path!r}: it is a directory, not an image file; "
-                          "pass the path of an image file")
+    if os.path.isdir(path):  # Image.open would say PermissionError on Windows
+        raise _read_error(path, IsADirectoryError())
     try:
         with Image.open(path) as im:
             im.load()  # decode everything now: truncation errors surface here
@@ -400,8 +399,7 @@ def read_png_metadata(path: str | os.PathLike) -> dict[str, str]:
     A missing / unreadable / non-PNG file raises a one-line `Dalle2Error` naming it."""
     shown = os.fspath(path)
     if os.path.isdir(shown):
-        raise Dalle2Error(f"cannot read image {shown!r}: it is a directory, not an image file; "
-                          "pass the path of a PNG file")
+        raise _read_error(shown, IsADirectoryError())
     try:
         with Image.open(shown) as im:
             if im.format != "PNG":

@@ -56,11 +56,25 @@ def _check_transformer(cfg, where: str) -> None:
                           f"num_attention_heads {cfg.num_attention_heads}")
 
 
+class _CLIPTower(_Config):
+    """What the two CLIP tower configs share: the transformer checks and the head size."""
+
+    WHERE: ClassVar[str]
+
+    def __post_init__(self):
+        _check_transformer(self, self.WHERE)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+
 @dataclass(frozen=True)
-class CLIPTextConfig(_Config):
+class CLIPTextConfig(_CLIPTower):
     """transformers `CLIPTextConfig` (defaults are transformers 5's) + the projection of `...WithProjection`."""
 
     TYPE: ClassVar[str] = "clip_text"
+    WHERE: ClassVar[str] = "text encoder config"
     vocab_size: int = 49408
     hidden_size: int = 512
     intermediate_size: int = 2048
@@ -74,13 +88,6 @@ class CLIPTextConfig(_Config):
     # value means "first position of this id" (transformers PR #24773). See `pool_positions` in backends.
     eos_token_id: int = 49407
 
-    def __post_init__(self):
-        _check_transformer(self, "text encoder config")
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
-
     @classmethod
     def from_hf_config(cls, d: dict[str, Any], projection_dim: int | None = None) -> CLIPTextConfig:
         """From a transformers `CLIPTextConfig` dict (see `_clip_tower_from_hf`)."""
@@ -88,10 +95,11 @@ class CLIPTextConfig(_Config):
 
 
 @dataclass(frozen=True)
-class CLIPVisionConfig(_Config):
+class CLIPVisionConfig(_CLIPTower):
     """transformers `CLIPVisionConfig` + the projection of `CLIPVisionModelWithProjection`."""
 
     TYPE: ClassVar[str] = "clip_vision"
+    WHERE: ClassVar[str] = "image encoder config"
     hidden_size: int = 768
     intermediate_size: int = 3072
     num_hidden_layers: int = 12
@@ -104,14 +112,10 @@ class CLIPVisionConfig(_Config):
     projection_dim: int = 512
 
     def __post_init__(self):
-        _check_transformer(self, "image encoder config")
+        super().__post_init__()
         if self.image_size % self.patch_size:
             raise Dalle2Error(f"image encoder config: image_size {self.image_size} is not a multiple of "
                               f"patch_size {self.patch_size}")
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
 
     @property
     def num_positions(self) -> int:  # patches + the class token

@@ -26,6 +26,14 @@ VISION = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_att
               patch_size=8, projection_dim=24)
 
 
+def _load(backend: str, cfg, ref, dtype: str = "float32"):
+    """(backend, module) with the reference module's weights loaded into our module for `cfg`."""
+    b = get_backend(backend, dtype=dtype)
+    module = b.build(cfg.TYPE, cfg)
+    b.load_weights(module, {k: v.numpy() for k, v in ref.state_dict().items()})
+    return b, module
+
+
 def _ids(eos: int, rng: np.random.Generator, pad: int) -> np.ndarray:
     """(3, 77) ids as a tokenizer makes them: BOS, words, EOS, pads; sequences of different lengths."""
     ids = np.full((3, 77), pad, dtype=np.int64)
@@ -53,9 +61,7 @@ def test_text_tower_matches_transformers(backend, act, eos_rule):
     with torch.no_grad():
         out = ref(torch.from_numpy(ids))
     cfg = CLIPTextConfig.from_hf_config(ref.config.to_dict())
-    b = get_backend(backend)
-    module = b.build(cfg.TYPE, cfg)
-    b.load_weights(module, {k: v.numpy() for k, v in ref.state_dict().items()})
+    b, module = _load(backend, cfg, ref)
     embeds, states = b.run(module, ids, pool_positions(ids, cfg.eos_token_id))
     assert_close_to_scale(embeds, out.text_embeds.numpy(), REL["float32"], "text_embeds")
     assert_close_to_scale(states, out.last_hidden_state.numpy(), REL["float32"], "last_hidden_state")
@@ -82,9 +88,7 @@ def test_vision_tower_matches_transformers(backend, act):
     with torch.no_grad():
         out = ref(torch.from_numpy(pixels))
     cfg = CLIPVisionConfig.from_hf_config(ref.config.to_dict())
-    b = get_backend(backend)
-    module = b.build(cfg.TYPE, cfg)
-    b.load_weights(module, {k: v.numpy() for k, v in ref.state_dict().items()})
+    b, module = _load(backend, cfg, ref)
     embeds, states = b.run(module, pixels)
     assert_close_to_scale(embeds, out.image_embeds.numpy(), REL["float32"], "image_embeds")
     assert_close_to_scale(states, out.last_hidden_state.numpy(), REL["float32"], "last_hidden_state")
@@ -95,13 +99,10 @@ def _both_towers(dtype: str, backend: str):
     text_ref, vision_ref = _text_reference("quick_gelu", 2), _vision_reference("quick_gelu")
     ids = _ids(299, np.random.default_rng(0), pad=299)
     pixels = np.random.default_rng(3).standard_normal((2, 3, 48, 48)).astype(np.float32)
-    b = get_backend(backend, dtype=dtype)
     out = []
     for ref, inputs in ((text_ref, (ids, pool_positions(ids, 2))), (vision_ref, (pixels,))):
         cfg_cls = CLIPTextConfig if ref is text_ref else CLIPVisionConfig
-        cfg = cfg_cls.from_hf_config(ref.config.to_dict())
-        module = b.build(cfg.TYPE, cfg)
-        b.load_weights(module, {k: v.numpy() for k, v in ref.state_dict().items()})
+        b, module = _load(backend, cfg_cls.from_hf_config(ref.config.to_dict()), ref, dtype)
         out.append(b.run(module, *inputs)[0])
     return out
 

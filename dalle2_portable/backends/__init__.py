@@ -24,12 +24,20 @@ from ..errors import Dalle2Error
 
 DTYPES = ("float32", "float16", "bfloat16")
 
+# component type -> (file, class) inside each backend package. One table for both backends, so they cannot
+# disagree on which class implements a component, and the class names (hence the module trees) are shared.
+MODULES = {
+    "clip_text": ("clip", "CLIPTextModelWithProjection"),
+    "clip_vision": ("clip", "CLIPVisionModelWithProjection"),
+    "prior": ("prior", "PriorTransformer"),
+    "text_proj": ("text_proj", "UnCLIPTextProjModel"),
+}
+
 
 class Backend(ABC):
     """One framework on one device in one compute dtype."""
 
     name: str
-    MODULES: dict[str, type]  # component type -> this backend's module class (same class names in every backend)
 
     def __init__(self, device: str | None = None, dtype: str = "float32"):
         if dtype not in DTYPES:
@@ -46,11 +54,12 @@ class Backend(ABC):
 
     # -- modules ---------------------------------------------------------------------------------------------
     def module_class(self, component_type: str) -> type:
-        try:
-            return self.MODULES[component_type]
-        except KeyError:
-            raise Dalle2Error(f"the {self.name} backend has no module for component type {component_type!r}; "
-                              "upgrade dalle2_portable") from None
+        """This backend's class for a component type: the same file and class name in every backend."""
+        if component_type not in MODULES:
+            raise Dalle2Error(f"no module for component type {component_type!r}; upgrade dalle2_portable")
+        filename, class_name = MODULES[component_type]
+        package = type(self).__module__  # dalle2_portable.backends.<name>
+        return getattr(importlib.import_module(f"{package}.{filename}"), class_name)
 
     @abstractmethod
     def build(self, component_type: str, config: Any):

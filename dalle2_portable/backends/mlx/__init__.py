@@ -44,9 +44,6 @@ from mlx.utils import tree_flatten  # noqa: E402
 
 from ...errors import Dalle2Error  # noqa: E402
 from .. import Backend  # noqa: E402
-from .clip import CLIPTextModelWithProjection, CLIPVisionModelWithProjection  # noqa: E402
-from .prior import PriorTransformer  # noqa: E402
-from .text_proj import UnCLIPTextProjModel  # noqa: E402
 
 _DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
@@ -68,12 +65,6 @@ def _to_canonical_layout(name: str, w, convs: set[str]):
 
 class MLXBackend(Backend):
     name = "mlx"
-    MODULES = {
-        "clip_text": CLIPTextModelWithProjection,
-        "clip_vision": CLIPVisionModelWithProjection,
-        "prior": PriorTransformer,
-        "text_proj": UnCLIPTextProjModel,
-    }
 
     def _resolve_device(self, device: str | None) -> str:
         if device is None:

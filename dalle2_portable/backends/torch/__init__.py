@@ -8,21 +8,12 @@ from safetensors.torch import load_file
 
 from ...errors import Dalle2Error
 from .. import Backend
-from .clip import CLIPTextModelWithProjection, CLIPVisionModelWithProjection
-from .prior import PriorTransformer
-from .text_proj import UnCLIPTextProjModel
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 class TorchBackend(Backend):
     name = "torch"
-    MODULES = {
-        "clip_text": CLIPTextModelWithProjection,
-        "clip_vision": CLIPVisionModelWithProjection,
-        "prior": PriorTransformer,
-        "text_proj": UnCLIPTextProjModel,
-    }
 
     def _resolve_device(self, device: str | None) -> str:
         if device is None:  # the fastest device present
