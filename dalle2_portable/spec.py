@@ -293,12 +293,181 @@ class TextProjConfig(_Config):
         return cls(**_pick(cls, d))
 
 
-# component type -> its config class. Later issues add the UNets here.
+class _UNetConfig(_Config):
+    """What the two diffusers UNets share (decoder and super-res): sizes, block types, time conditioning.
+
+    Block types are diffusers' names; `unclip.unet_blocks` turns a config into per-block channel plans."""
+
+    DOWN: ClassVar[tuple[str, ...]]  # the block types we implement, per position
+    MID: ClassVar[tuple[str, ...]]
+    UP: ClassVar[tuple[str, ...]]
+    WHERE: ClassVar[str]
+
+    def __post_init__(self):
+        n = len(self.block_out_channels)
+        for key, types, allowed in (("down_block_types", self.down_block_types, self.DOWN),
+                                    ("up_block_types", self.up_block_types, self.UP)):
+            if len(types) != n:
+                raise Dalle2Error(f"{self.WHERE}: {key} has {len(types)} entries but block_out_channels has {n}")
+            for t in types:
+                if t not in allowed:
+                    raise unsupported(key, t, self.WHERE, allowed)
+        if self.mid_block_type not in self.MID:
+            raise unsupported("mid_block_type", self.mid_block_type, self.WHERE, self.MID)
+        if self.resnet_time_scale_shift not in ("default", "scale_shift"):
+            raise unsupported("resnet_time_scale_shift", self.resnet_time_scale_shift, self.WHERE,
+                              ("default", "scale_shift"))
+        for c in self.block_out_channels:
+            if c % self.norm_num_groups:
+                raise Dalle2Error(f"{self.WHERE}: block_out_channels {c} is not divisible by norm_num_groups "
+                                  f"{self.norm_num_groups}")
+
+    @property
+    def downscale(self) -> int:
+        """Input height and width must be multiples of this (one halving per downsampling block)."""
+        return 2 ** (len(self.block_out_channels) - 1)
+
+    @classmethod
+    def _common_from_hf(cls, d: dict[str, Any], where: str) -> dict[str, Any]:
+        """The fields of `cls` from a diffusers config.json, absent keys taking diffusers' defaults (HF_DEFAULTS,
+        which are not Karlo's values), and the switches both UNet classes must have at diffusers' defaults."""
+        _only(d, "act_fn", "silu", ("silu",), where)
+        _only(d, "center_input_sample", False, (False,), where)
+        _only(d, "time_embedding_type", "positional", ("positional",), where)
+        _only(d, "num_class_embeds", None, (None,), where)
+        for key in ("layers_per_block", "norm_num_groups"):
+            if not isinstance(d.get(key, 2), int):  # diffusers also takes per-block lists / None: no unCLIP model does
+                raise unsupported(key, d[key], where, ["one int"])
+        kw = {**cls.HF_DEFAULTS, **_pick(cls, d)}
+        for key in ("block_out_channels", "down_block_types", "up_block_types"):
+            kw[key] = tuple(kw[key])
+        kw["time_embed_dim"] = d.get("time_embedding_dim") or 4 * kw["block_out_channels"][0]  # diffusers' rule
+        return kw
+
+
+@dataclass(frozen=True)
+class UNet2DConditionConfig(_UNetConfig):
+    """diffusers `UNet2DConditionModel` as Karlo's decoder configures it (reference karlo-v1-alpha.md section 5):
+    ResNet blocks that resample themselves, SimpleCrossAttn blocks (keys and values = the context tokens through
+    add_k/add_v, then the feature map itself), the CLIP time embedding added as an "identity" class embedding,
+    scale-shift time conditioning, 6 output channels (epsilon and the learned variance)."""
+
+    TYPE: ClassVar[str] = "unet2d_condition"
+    WHERE: ClassVar[str] = "decoder config"
+    DOWN: ClassVar[tuple[str, ...]] = ("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D")
+    MID: ClassVar[tuple[str, ...]] = ("UNetMidBlock2DSimpleCrossAttn",)
+    UP: ClassVar[tuple[str, ...]] = ("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D")
+    HF_DEFAULTS: ClassVar[dict[str, Any]] = dict(  # diffusers `UNet2DConditionModel.__init__` defaults
+        sample_size=None, in_channels=4, out_channels=4, flip_sin_to_cos=True, freq_shift=0,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",), mid_block_type="UNetMidBlock2DCrossAttn",
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, block_out_channels=(320, 640, 1280, 1280),
+        layers_per_block=2, mid_block_scale_factor=1.0, norm_num_groups=32, norm_eps=1e-5, cross_attention_dim=1280,
+        attention_head_dim=8, resnet_time_scale_shift="default", class_embed_type=None)
+    in_channels: int = 3
+    out_channels: int = 6
+    block_out_channels: tuple[int, ...] = (320, 640, 960, 1280)
+    layers_per_block: int = 3
+    down_block_types: tuple[str, ...] = ("ResnetDownsampleBlock2D",) + ("SimpleCrossAttnDownBlock2D",) * 3
+    mid_block_type: str = "UNetMidBlock2DSimpleCrossAttn"
+    up_block_types: tuple[str, ...] = ("SimpleCrossAttnUpBlock2D",) * 3 + ("ResnetUpsampleBlock2D",)
+    norm_num_groups: int = 32
+    norm_eps: float = 1e-5
+    flip_sin_to_cos: bool = True
+    freq_shift: int = 0
+    resnet_time_scale_shift: str = "scale_shift"
+    mid_block_scale_factor: float = 1.0
+    time_embed_dim: int = 1280
+    sample_size: int | None = 64
+    attention_head_dim: int = 64  # for SimpleCrossAttn blocks this is the head SIZE: heads = channels // 64
+    cross_attention_dim: int = 1536  # context width (text_proj's output)
+    class_embed_type: str | None = "identity"  # "identity": class_labels (B, time_embed_dim) add to the time emb
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.class_embed_type not in (None, "identity"):
+            raise unsupported("class_embed_type", self.class_embed_type, self.WHERE, (None, "identity"))
+        for c in self.block_out_channels:
+            if c % self.attention_head_dim:
+                raise Dalle2Error(f"{self.WHERE}: block_out_channels {c} is not divisible by attention_head_dim "
+                                  f"{self.attention_head_dim}")
+
+    @classmethod
+    def from_hf_config(cls, d: dict[str, Any]) -> UNet2DConditionConfig:
+        """From diffusers' `decoder/config.json`. Quirks handled here:
+        - Karlo's file (diffusers 0.11) predates most switches of today's class; absent means diffusers' default,
+          and any switch that would change the network is accepted only at the value Karlo has;
+        - `mid_block_type` absent means diffusers' default `UNetMidBlock2DCrossAttn`, which we do not implement;
+        - `attention_head_dim` must be one int (a per-block list is a later diffusers form no unCLIP model uses);
+          `num_attention_heads` must be null (diffusers then uses attention_head_dim, as for Karlo);
+        - `dropout` acts only in training; `use_linear_projection`, `upcast_attention`, `downsample_padding`,
+          `transformer_layers_per_block` are not read by the block types we implement."""
+        where = "decoder config.json"
+        for key, default, ok in (
+                ("class_embed_type", None, (None, "identity")), ("dual_cross_attention", False, (False,)),
+                ("only_cross_attention", False, (False,)), ("mid_block_only_cross_attention", None, (None, False)),
+                ("addition_embed_type", None, (None,)), ("encoder_hid_dim", None, (None,)),
+                ("encoder_hid_dim_type", None, (None,)), ("time_cond_proj_dim", None, (None,)),
+                ("timestep_post_act", None, (None,)), ("time_embedding_act_fn", None, (None,)),
+                ("conv_in_kernel", 3, (3,)), ("conv_out_kernel", 3, (3,)), ("class_embeddings_concat", False, (False,)),
+                ("cross_attention_norm", None, (None,)), ("resnet_skip_time_act", False, (False,)),
+                ("resnet_out_scale_factor", 1.0, (1.0,)), ("num_attention_heads", None, (None,)),
+                ("projection_class_embeddings_input_dim", None, (None,))):
+            _only(d, key, default, ok, where)
+        _only(d, "mid_block_type", "UNetMidBlock2DCrossAttn", cls.MID, where)
+        if not isinstance(d.get("attention_head_dim", 8), int):
+            raise unsupported("attention_head_dim", d["attention_head_dim"], where, ["one int"])
+        return cls(**cls._common_from_hf(d, where))
+
+
+@dataclass(frozen=True)
+class UNet2DConfig(_UNetConfig):
+    """diffusers `UNet2DModel` as Karlo's super-res UNets configure it (reference section 6): ResNet blocks only
+    (no attention anywhere), positional time embedding, input = noisy 256 px image and the upsampled 64 px one."""
+
+    TYPE: ClassVar[str] = "unet2d"
+    WHERE: ClassVar[str] = "super-res config"
+    DOWN: ClassVar[tuple[str, ...]] = ("ResnetDownsampleBlock2D",)
+    MID: ClassVar[tuple[str, ...]] = ("UNetMidBlock2D",)
+    UP: ClassVar[tuple[str, ...]] = ("ResnetUpsampleBlock2D",)
+    HF_DEFAULTS: ClassVar[dict[str, Any]] = dict(  # diffusers `UNet2DModel.__init__` defaults
+        sample_size=None, in_channels=3, out_channels=3, flip_sin_to_cos=True, freq_shift=0,
+        down_block_types=("DownBlock2D",) + ("AttnDownBlock2D",) * 3, mid_block_type="UNetMidBlock2D",
+        up_block_types=("AttnUpBlock2D",) * 3 + ("UpBlock2D",), block_out_channels=(224, 448, 672, 896),
+        layers_per_block=2, mid_block_scale_factor=1.0, norm_num_groups=32, norm_eps=1e-5,
+        resnet_time_scale_shift="default")
+    in_channels: int = 6
+    out_channels: int = 3
+    block_out_channels: tuple[int, ...] = (320, 640, 960, 1280)
+    layers_per_block: int = 3
+    down_block_types: tuple[str, ...] = ("ResnetDownsampleBlock2D",) * 4
+    mid_block_type: str = "UNetMidBlock2D"
+    up_block_types: tuple[str, ...] = ("ResnetUpsampleBlock2D",) * 4
+    norm_num_groups: int = 32
+    norm_eps: float = 1e-5
+    flip_sin_to_cos: bool = True
+    freq_shift: int = 0
+    resnet_time_scale_shift: str = "default"
+    mid_block_scale_factor: float = 1.0
+    time_embed_dim: int = 1280
+    sample_size: int | None = 256  # null in Karlo's super_res_last (harmless: the pipeline reads the first's)
+
+    @classmethod
+    def from_hf_config(cls, d: dict[str, Any]) -> UNet2DConfig:
+        """From diffusers' `super_res_*/config.json`. `add_attention` defaults to true in diffusers (a mid-block
+        attention we do not implement), so it must be present and false, as in Karlo's files; `class_embed_type`
+        must be null; `mid_block_type` absent means "UNetMidBlock2D"; `attention_head_dim`, `downsample_type`,
+        `upsample_type` and `attn_norm_num_groups` are not read by the ResNet-only blocks we implement."""
+        where = "super-res config.json"
+        _only(d, "add_attention", True, (False,), where)
+        _only(d, "class_embed_type", None, (None,), where)
+        _only(d, "mid_block_type", "UNetMidBlock2D", cls.MID, where)
+        return cls(**cls._common_from_hf(d, where))
+
+
+# component type -> its config class
 COMPONENT_TYPES: dict[str, type[_Config]] = {
-    CLIPTextConfig.TYPE: CLIPTextConfig,
-    CLIPVisionConfig.TYPE: CLIPVisionConfig,
-    PriorConfig.TYPE: PriorConfig,
-    TextProjConfig.TYPE: TextProjConfig,
+    c.TYPE: c for c in (CLIPTextConfig, CLIPVisionConfig, PriorConfig, TextProjConfig, UNet2DConditionConfig,
+                        UNet2DConfig)
 }
 
 # The canonical component names of a model directory, in the order of the flow.

@@ -1,12 +1,13 @@
-"""Backend-neutral pieces of the unCLIP modules (prior, text_proj, later the UNets), in NumPy.
+"""Backend-neutral pieces of the unCLIP modules (prior, text_proj, the UNets), in NumPy.
 
 What both backends would otherwise compute the same way lives here, computed once and handed to the modules:
-the prior's additive attention mask, and the exponents of the sinusoidal timestep embedding.
+the attention masks, the exponents of the sinusoidal timestep embedding, and the UNets' block plans.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -44,3 +45,64 @@ def sinusoid_exponents(dim: int, downscale_freq_shift: float = 0.0, max_period: 
     half = dim // 2
     exponent = np.float32(-math.log(max_period)) * np.arange(half, dtype=np.float32)
     return (exponent / np.float32(half - downscale_freq_shift)).astype(np.float32)  # (dim/2,)
+
+
+# -- the UNets ------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class BlockPlan:
+    """One UNet block as diffusers builds it: its ResNet blocks' (in, out) channels (an up block's inputs include
+    the skip connection concatenated before each), how many SimpleCrossAttn attentions with `heads` heads it has
+    (one after each resnet; in the mid block one between each pair), and whether it ends in a resampling ResNet
+    (down- or upsampler, channels -> channels)."""
+
+    channels: int
+    resnets: tuple[tuple[int, int], ...]
+    attentions: int
+    heads: int
+    resample: bool
+
+
+def unet_blocks(cfg) -> tuple[list[BlockPlan], BlockPlan, list[BlockPlan]]:
+    """(down blocks, mid block, up blocks) of a UNet config, with diffusers' channel arithmetic
+    (`UNet2DConditionModel.__init__` / `UNet2DModel.__init__` and the block classes' loops). The mid block's
+    resnets are [first, then one after each attention]; `resample` is unused there."""
+    boc, n, per = cfg.block_out_channels, len(cfg.block_out_channels), cfg.layers_per_block
+    head_dim = getattr(cfg, "attention_head_dim", None)
+
+    def plan(channels: int, resnets: list[tuple[int, int]], block_type: str, resample: bool, mid=False) -> BlockPlan:
+        if "SimpleCrossAttn" not in block_type:
+            return BlockPlan(channels, tuple(resnets), 0, 0, resample)
+        return BlockPlan(channels, tuple(resnets), len(resnets) - mid, channels // head_dim, resample)
+
+    downs, out = [], boc[0]
+    for i, block_type in enumerate(cfg.down_block_types):
+        inp, out = out, boc[i]
+        downs.append(plan(out, [(inp if j == 0 else out, out) for j in range(per)], block_type, i < n - 1))
+    mid = plan(boc[-1], [(boc[-1], boc[-1])] * 2, cfg.mid_block_type, False, mid=True)
+    ups, rev = [], boc[::-1]
+    out = rev[0]
+    for i, block_type in enumerate(cfg.up_block_types):
+        prev, out, skip_last = out, rev[i], rev[min(i + 1, n - 1)]
+        resnets = [((prev if j == 0 else out) + (skip_last if j == per else out), out) for j in range(per + 1)]
+        ups.append(plan(out, resnets, block_type, i < n - 1))
+    return downs, mid, ups
+
+
+def check_unet_sample(shape: tuple[int, ...], cfg) -> None:
+    """A sample the UNet can take: (B, in_channels, H, W) with H and W multiples of its total downscale."""
+    if len(shape) != 4 or shape[1] != cfg.in_channels:
+        raise Dalle2Error(f"UNet input: expected (batch, {cfg.in_channels}, height, width), got {tuple(shape)}")
+    if shape[2] % cfg.downscale or shape[3] % cfg.downscale:
+        raise Dalle2Error(f"UNet input: height and width must be multiples of {cfg.downscale}, got "
+                          f"{shape[2]}x{shape[3]}; resize the image")
+
+
+def decoder_attention_mask(context_mask: np.ndarray) -> np.ndarray:
+    """The decoder's additive context mask, from a (B, L) bool/int mask over the context tokens (1 = attend):
+    (1 - mask) * -10000 as (B, 1, 1, L) float32, as `UNet2DConditionModel.forward` builds it. The attention
+    layers append zeros for the feature-map keys (diffusers `prepare_attention_mask`)."""
+    context_mask = np.asarray(context_mask)
+    if context_mask.ndim != 2:
+        raise Dalle2Error(f"decoder attention mask: expected (batch, tokens), got shape {context_mask.shape}")
+    return ((1.0 - context_mask.astype(np.float32)) * np.float32(MASK_FILL))[:, None, None, :]

@@ -12,7 +12,8 @@ from conftest import BACKENDS
 
 from dalle2_portable import backends
 from dalle2_portable.errors import Dalle2Error
-from dalle2_portable.spec import COMPONENT_TYPES, CLIPTextConfig, CLIPVisionConfig, PriorConfig, TextProjConfig
+from dalle2_portable.spec import (COMPONENT_TYPES, CLIPTextConfig, CLIPVisionConfig, PriorConfig, TextProjConfig,
+                                  UNet2DConditionConfig, UNet2DConfig)
 
 
 def _hf_text(cfg):
@@ -43,6 +44,15 @@ def _hf_text_proj(cfg):
     return UnCLIPTextProjModel(**cfg.to_dict())
 
 
+def _hf_unet(cfg):
+    from diffusers import UNet2DConditionModel, UNet2DModel
+
+    d = {k: v for k, v in cfg.to_dict().items() if k != "time_embed_dim"}
+    if cfg.TYPE == "unet2d":
+        return UNet2DModel(**d, add_attention=False, time_embedding_dim=cfg.time_embed_dim)
+    return UNet2DConditionModel(**d, time_embedding_dim=cfg.time_embed_dim)
+
+
 # Every component type: a tiny config and the reference module whose state_dict names are the canonical names.
 # A new component type must be added here (the first test fails until it is).
 TINY = {
@@ -57,6 +67,15 @@ TINY = {
               _hf_prior),
     "text_proj": (TextProjConfig(clip_embeddings_dim=16, time_embed_dim=32, cross_attention_dim=24,
                                  clip_extra_context_tokens=4), _hf_text_proj),
+    # time_embed_dim is not 4x the first width, so that its own size is checked
+    "unet2d_condition": (UNet2DConditionConfig(
+        block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=4, attention_head_dim=8,
+        cross_attention_dim=12, time_embed_dim=40, sample_size=8,
+        down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
+        up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D")), _hf_unet),
+    "unet2d": (UNet2DConfig(block_out_channels=(16, 24), layers_per_block=1, norm_num_groups=8, time_embed_dim=40,
+                            down_block_types=("ResnetDownsampleBlock2D",) * 2,
+                            up_block_types=("ResnetUpsampleBlock2D",) * 2), _hf_unet),
 }
 
 

@@ -31,6 +31,8 @@ MODULES = {
     "clip_vision": ("clip", "CLIPVisionModelWithProjection"),
     "prior": ("prior", "PriorTransformer"),
     "text_proj": ("text_proj", "UnCLIPTextProjModel"),
+    "unet2d_condition": ("unet", "UNet"),  # the decoder (diffusers UNet2DConditionModel)
+    "unet2d": ("unet", "UNet"),  # the super-res UNets (diffusers UNet2DModel)
 }
 
 
