@@ -1,8 +1,9 @@
 """dalle2_portable: DALL-E 2 (unCLIP) on MLX and PyTorch from one model spec.
 
     import dalle2_portable as d2
+    pipe = d2.load_pipeline("kakaobrain/karlo-v1-alpha", backend="auto")  # converted once, then cached
     clip = d2.load_clip("openai/clip-vit-base-patch32", backend="auto")
-    d2.convert("openai/clip-vit-base-patch32", "clip-b32")
+    d2.convert("kakaobrain/karlo-v1-alpha", "karlo")
 
 Neither MLX nor PyTorch is imported here: a backend is imported when it is first used.
 """
@@ -11,6 +12,7 @@ from .backends import get_backend, installed as installed_backends
 from .clip import CLIP, load_clip
 from .convert import convert
 from .errors import Dalle2Error
+from .pipeline import Pipeline, load_pipeline
 
 __version__ = "0.1.0"
-__all__ = ["load_clip", "CLIP", "convert", "get_backend", "installed_backends", "Dalle2Error", "__version__"]
+__all__ = ["load_pipeline", "Pipeline", "load_clip", "CLIP", "convert", "get_backend", "installed_backends", "Dalle2Error", "__version__"]

@@ -464,6 +464,39 @@ class UNet2DConfig(_UNetConfig):
         return cls(**cls._common_from_hf(d, where))
 
 
+@dataclass(frozen=True)
+class SchedulerConfig(_Config):
+    """diffusers `UnCLIPScheduler` (reference karlo-v1-alpha.md section 7): the squared-cosine schedule of
+    `num_train_timesteps` steps, what the model predicts, how the variance is chosen, and the x0 clipping."""
+
+    TYPE: ClassVar[str] = "unclip_scheduler"
+    num_train_timesteps: int = 1000
+    variance_type: str = "fixed_small_log"  # or "learned_range" (the decoder's 6-channel output)
+    prediction_type: str = "epsilon"  # or "sample" (the prior predicts x0)
+    clip_sample: bool = True
+    clip_sample_range: float = 1.0
+    beta_schedule: str = "squaredcos_cap_v2"  # the only one UnCLIPScheduler has
+
+    def __post_init__(self):
+        for key, ok in (("variance_type", ("fixed_small_log", "learned_range")),
+                        ("prediction_type", ("epsilon", "sample")), ("beta_schedule", ("squaredcos_cap_v2",))):
+            if getattr(self, key) not in ok:
+                raise unsupported(key, getattr(self, key), "scheduler config", ok)
+
+    @classmethod
+    def from_hf_config(cls, d: dict[str, Any], where: str = "scheduler_config.json") -> SchedulerConfig:
+        """From a diffusers `scheduler_config.json` of class UnCLIPScheduler (absent keys: diffusers' defaults,
+        which are this dataclass's)."""
+        name = d.get("_class_name", "UnCLIPScheduler")
+        if name != "UnCLIPScheduler":
+            raise unsupported("_class_name", name, where, ("UnCLIPScheduler",))
+        kw = _pick(cls, d)
+        try:
+            return cls(**kw)
+        except Dalle2Error as e:
+            raise Dalle2Error(f"{where}: {e}") from None
+
+
 # component type -> its config class
 COMPONENT_TYPES: dict[str, type[_Config]] = {
     c.TYPE: c for c in (CLIPTextConfig, CLIPVisionConfig, PriorConfig, TextProjConfig, UNet2DConditionConfig,
@@ -513,7 +546,7 @@ class ModelSpec:
     components: dict[str, Component]
     tokenizer: TokenizerConfig | None = None
     image_processor: ImageProcessorConfig | None = None
-    schedulers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    schedulers: dict[str, SchedulerConfig] = field(default_factory=dict)  # prior / decoder / super_res
     defaults: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -523,7 +556,7 @@ class ModelSpec:
             "components": {k: c.to_dict() for k, c in self.components.items()},
             "tokenizer": self.tokenizer.to_dict() if self.tokenizer else None,
             "image_processor": self.image_processor.to_dict() if self.image_processor else None,
-            "schedulers": self.schedulers,
+            "schedulers": {k: s.to_dict() for k, s in self.schedulers.items()},
             "defaults": self.defaults,
         }
 
@@ -548,6 +581,7 @@ class ModelSpec:
             components=components,
             tokenizer=TokenizerConfig.from_dict(tok) if tok else None,
             image_processor=ImageProcessorConfig.from_dict(proc) if proc else None,
-            schedulers=d.get("schedulers") or {},
+            schedulers={k: SchedulerConfig.from_dict(s, f"model.json scheduler {k!r}")
+                        for k, s in (d.get("schedulers") or {}).items()},
             defaults=d.get("defaults") or {},
         )

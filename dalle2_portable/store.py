@@ -100,13 +100,17 @@ def read_header(path: str | os.PathLike) -> dict[str, TensorInfo]:
     return out
 
 
-def check_tensors(found: dict[str, TensorInfo], expected: dict[str, tuple[int, ...]], path: str | os.PathLike
-                  ) -> None:
-    """Missing, unexpected and misshaped tensors each raise one line naming the tensor and the file."""
+MODEL_FIX = "the file does not match its config in model.json; re-convert the model with `dalle2 convert`"
+SOURCE_FIX = "the weights do not match the config.json beside them; download the source again"
+
+
+def check_tensors(found: dict[str, TensorInfo], expected: dict[str, tuple[int, ...]], path: str | os.PathLike,
+                  fix: str = MODEL_FIX) -> None:
+    """Missing, unexpected and misshaped tensors each raise one line naming the tensor and the file, then `fix`
+    (what to do: a model directory's file is re-converted, a source's re-downloaded)."""
     missing = [k for k in expected if k not in found]
     unexpected = [k for k in found if k not in expected]
     where = f"weight file {str(path)!r}"
-    fix = "the file does not match its config in model.json; re-convert the model with `dalle2 convert`"
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise Dalle2Error(f"{where} is missing tensor {missing[0]!r}{more}; {fix}")

@@ -143,3 +143,90 @@ def write_tiny_clip(d: Path, vocab_dir: Path, kind: str = "clip", pad: str = "<|
     if kind != "text":
         CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(d)
     return d
+
+
+# A tiny Karlo: sizes chain as in the real one (CLIP width = prior width = text_proj input; text_proj's time and
+# context widths = the decoder's), every block type of the real decoder and super-res UNets present.
+TINY_KARLO = dict(
+    prior=dict(num_attention_heads=2, attention_head_dim=8, num_layers=2, embedding_dim=16, num_embeddings=77),
+    text_proj=dict(clip_embeddings_dim=16, time_embed_dim=64, cross_attention_dim=24),
+    decoder=dict(in_channels=3, out_channels=6, block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=4,
+                 down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
+                 mid_block_type="UNetMidBlock2DSimpleCrossAttn",
+                 up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"), attention_head_dim=8,
+                 cross_attention_dim=24, class_embed_type="identity", resnet_time_scale_shift="scale_shift",
+                 sample_size=8),
+    super_res=dict(in_channels=6, out_channels=3, block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=4,
+                   down_block_types=("ResnetDownsampleBlock2D",) * 2, up_block_types=("ResnetUpsampleBlock2D",) * 2,
+                   add_attention=False, sample_size=16),
+)
+
+
+def write_tiny_karlo(d: Path, vocab_dir: Path, variations: bool = False, safetensors: bool = True,
+                     variant: str | None = None, seed: int = 0) -> Path:
+    """A tiny random kakaobrain/karlo-v1-alpha (or -image-variations) saved by diffusers' own
+    `UnCLIPPipeline.save_pretrained` (model_index.json, one subfolder per component), with the tokenizer files
+    in the Hub's form. safetensors=False writes the `.bin` pickles the Hub also holds (the text encoder's with
+    its int64 position_ids buffer); `variant` names the weight files as diffusers' variants do (`.fp16.`)."""
+    import torch
+    from diffusers import (PriorTransformer, UnCLIPImageVariationPipeline, UnCLIPPipeline, UnCLIPScheduler,
+                           UNet2DConditionModel, UNet2DModel)
+    from diffusers.pipelines.unclip.text_proj import UnCLIPTextProjModel
+    from transformers import (CLIPImageProcessor, CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer,
+                              CLIPVisionConfig, CLIPVisionModelWithProjection)
+
+    vocab_size = len(json.loads((vocab_dir / "vocab.json").read_text()))
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModelWithProjection(CLIPTextConfig(
+        **dict(TINY_TEXT, hidden_size=16, projection_dim=16, vocab_size=vocab_size, eos_token_id=2, pad_token_id=1)))
+    parts = dict(
+        decoder=UNet2DConditionModel(**TINY_KARLO["decoder"]), text_encoder=text_encoder,
+        tokenizer=CLIPTokenizer(str(vocab_dir / "vocab.json"), str(vocab_dir / "merges.txt"), pad_token="!"),
+        text_proj=UnCLIPTextProjModel(**TINY_KARLO["text_proj"]),
+        super_res_first=UNet2DModel(**TINY_KARLO["super_res"]),
+        super_res_last=UNet2DModel(**dict(TINY_KARLO["super_res"], sample_size=None)),
+        decoder_scheduler=UnCLIPScheduler(variance_type="learned_range", prediction_type="epsilon"),
+        super_res_scheduler=UnCLIPScheduler(variance_type="fixed_small_log", prediction_type="epsilon"))
+    for name in ("decoder", "text_proj", "super_res_first", "super_res_last"):  # no zero-initialised weights
+        with torch.no_grad():
+            for p in parts[name].parameters():
+                p.add_(0.05 * torch.randn_like(p))
+    if variations:
+        parts.update(feature_extractor=CLIPImageProcessor(size={"shortest_edge": 32},
+                                                          crop_size={"height": 32, "width": 32}),
+                     image_encoder=CLIPVisionModelWithProjection(CLIPVisionConfig(**dict(TINY_VISION,
+                                                                                          projection_dim=16))))
+        pipe = UnCLIPImageVariationPipeline(**parts)
+    else:
+        prior = PriorTransformer(**TINY_KARLO["prior"])
+        with torch.no_grad():
+            for p in prior.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        pipe = UnCLIPPipeline(prior=prior, prior_scheduler=UnCLIPScheduler(
+            variance_type="fixed_small_log", prediction_type="sample", clip_sample_range=5.0), **parts)
+    pipe.save_pretrained(d, safe_serialization=safetensors, variant=variant)
+    v = f".{variant}" if variant else ""
+    for tower in ("text_encoder", "image_encoder"):
+        if not safetensors and tower in parts:  # transformers 5 saves safetensors only
+            _transformers_to_bin(d / tower, parts[tower], v)
+    tok = d / "tokenizer"  # the Hub's form: vocab + merges + the two json files (karlo-v1-alpha.md section 9)
+    shutil.rmtree(tok)
+    tok.mkdir()
+    for f in ("vocab.json", "merges.txt"):
+        shutil.copy(vocab_dir / f, tok / f)
+    hub_tokenizer_files(tok, "!")
+    return d
+
+
+def _transformers_to_bin(folder: Path, model, v: str) -> None:
+    """Replace a transformers folder's safetensors with the `pytorch_model.bin` pickle older Hub repos hold."""
+    import torch
+
+    for f in folder.glob("model*.safetensors"):
+        f.unlink()
+    sd = dict(model.state_dict())
+    for tower in ("text_model", "vision_model"):
+        emb = f"{tower}.embeddings.position_embedding.weight"
+        if emb in sd:
+            sd[f"{tower}.embeddings.position_ids"] = torch.arange(sd[emb].shape[0])[None]
+    torch.save(sd, folder / f"pytorch_model{v}.bin")

@@ -15,13 +15,17 @@ from .. import store
 from ..errors import Dalle2Error
 from ..spec import CLIPTextConfig, CLIPVisionConfig, Component, ImageProcessorConfig, ModelSpec, Source
 from ..tokenizers import tokenizer_config_from_hf, write_tokenizer_files
-from .weights import Checkpoint, expected_shapes
+from .weights import Checkpoint, write_component
 
-# What a CLIP repo needs downloaded: safetensors first; the .bin pattern is asked for only if those are absent.
+LAYOUT = "transformers-clip"
+# What a CLIP repo needs downloaded besides its weights (see `convert.fetch`).
 CONFIG_PATTERNS = ["config.json", "preprocessor_config.json", "tokenizer_config.json", "special_tokens_map.json",
                    "vocab.json", "merges.txt", "tokenizer.json"]
-SAFETENSORS_PATTERNS = ["model.safetensors", "model.safetensors.index.json", "model-*.safetensors"]
-BIN_PATTERNS = ["pytorch_model.bin", "pytorch_model.bin.index.json", "pytorch_model-*.bin"]
+
+
+def weight_folders(folder: Path) -> dict[str, tuple[str, str]]:
+    """{subfolder: (safetensors stem, .bin stem)}: the repo root, transformers' file names."""
+    return {"": ("model", "pytorch_model")}
 
 # Buffers older checkpoints saved that are not parameters (transformers registers them non-persistent now).
 _DROPPED = ("text_model.embeddings.position_ids", "vision_model.embeddings.position_ids")
@@ -61,14 +65,14 @@ def clip_configs(config: dict, where: str) -> dict[str, CLIPTextConfig | CLIPVis
     return {"image_encoder": CLIPVisionConfig.from_hf_config(config)}
 
 
-def write_clip_components(src: Path, out: Path, dtype: str) -> tuple[dict, dict]:
+def write_clip_components(src: Path, out: Path, dtype: str, variant: str | None = None) -> tuple[dict, dict]:
     """Convert the CLIP checkpoint in `src` into component files in `out`.
 
     Returns ({name: Component}, extra defaults such as CLIP's logit_scale). Every tensor is checked against
     the config's expected names and shapes before the file is written.
     """
     configs = clip_configs(read_json(src / "config.json"), str(src / "config.json"))
-    ckpt = Checkpoint(src, "model", bin_stem="pytorch_model")
+    ckpt = Checkpoint(src, "model", bin_stem="pytorch_model", variant=variant)
     names = [n for n in ckpt.names() if n not in _DROPPED]
     defaults = {}
     if "logit_scale" in names:  # CLIPModel's temperature: a scalar, kept as a number for similarity scores
@@ -81,9 +85,7 @@ def write_clip_components(src: Path, out: Path, dtype: str) -> tuple[dict, dict]
         mine = [n for n in names if n.startswith(_PREFIXES[tower])]
         claimed.update(mine)
         filename = f"{name}.safetensors"
-        found = {n: store.TensorInfo(ckpt.shape(n), "F32") for n in mine}
-        store.check_tensors(found, expected_shapes(config), ckpt.files[0])
-        store.write_tensors(out / filename, [(n, ckpt.shape(n)) for n in mine], ckpt.get, dtype)
+        write_component(ckpt, mine, config, out / filename, dtype)
         components[name] = Component(config.TYPE, config, filename)
     stray = [n for n in names if n not in claimed]
     if stray:
@@ -92,9 +94,9 @@ def write_clip_components(src: Path, out: Path, dtype: str) -> tuple[dict, dict]
     return components, defaults
 
 
-def convert_clip(src: Path, out: Path, source: Source, dtype: str) -> ModelSpec:
+def convert_clip(src: Path, out: Path, source: Source, dtype: str, variant: str | None = None) -> ModelSpec:
     """A transformers CLIP folder -> a complete model directory's content in `out` (which the caller made)."""
-    components, defaults = write_clip_components(src, out, dtype)
+    components, defaults = write_clip_components(src, out, dtype, variant)
     tokenizer = None
     if "text_encoder" in components:
         tokenizer = tokenizer_config_from_hf(src)

@@ -46,7 +46,7 @@ class Checkpoint:
             bins = self._shards(f"{bin_stem}{v}.bin")
             if not bins:
                 raise Dalle2Error(f"no weights in {str(self.folder)!r}: expected {stem}{v}.safetensors or "
-                                  f"{bin_stem}{v}.bin; check the source folder or download it completely")
+                                  f"{bin_stem}{v}.bin; {self._variant_hint(stem, bin_stem, variant)}")
             for f in bins:
                 sd = self._load_bin(f)
                 self._bins[f] = sd
@@ -54,6 +54,15 @@ class Checkpoint:
                     self._files[name] = f
                     self._infos[name] = store.TensorInfo(tuple(t.shape), str(t.dtype))
         self.files = sorted(set(self._files.values()))
+
+    def _variant_hint(self, stem: str, bin_stem: str, variant: str | None) -> str:
+        """What to do about missing weights: name the variants the folder does hold, if any."""
+        found = sorted({p.name.split(".")[-2] for s in {stem, bin_stem} for p in self.folder.glob(f"{s}.*.*")
+                        if p.name.count(".") == 2 and p.suffix in (".safetensors", ".bin")} - {variant})
+        if found:
+            return f"the folder holds variant files ({', '.join(found)}): pass --variant {found[0]}" + (
+                "" if variant is None else " or check the variant name")
+        return "check the source folder or download it completely"
 
     def _shards(self, filename: str) -> list[Path]:
         single = self.folder / filename
@@ -125,3 +134,11 @@ def expected_shapes(config) -> dict[str, tuple[int, ...]]:
                           "`pip install 'dalle2_portable[torch]'` or `pip install 'dalle2_portable[mlx]'`")
     backend = get_backend("torch" if "torch" in have else have[0])
     return backend.parameter_shapes(config.TYPE, config)
+
+
+def write_component(ckpt: Checkpoint, names: list[str], config, path: Path, dtype: str) -> None:
+    """Check the tensors `names` of `ckpt` against what `config` needs (names and shapes, one line naming the
+    first difference), then stream them into the safetensors file `path` in `dtype`, one tensor at a time."""
+    found = {n: store.TensorInfo(ckpt.shape(n), "F32") for n in names}
+    store.check_tensors(found, expected_shapes(config), ckpt.files[0], store.SOURCE_FIX)
+    store.write_tensors(path, [(n, ckpt.shape(n)) for n in names], ckpt.get, dtype)

@@ -1,0 +1,224 @@
+"""The Karlo converter on tiny Karlo and Karlo-variations pipelines saved by diffusers' own `save_pretrained`:
+from a local folder and from a local Hub cache by id (offline), in safetensors, .bin and fp16-variant form;
+the converted components against diffusers' modules loaded from the same folder; bad sources fail in one line
+and leave nothing behind."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from builders import put_in_hub_cache, write_clip_vocab, write_tiny_karlo
+from click.testing import CliRunner
+from conftest import BACKENDS, assert_close_to_scale, backend_params
+from diffusers import PriorTransformer, UnCLIPScheduler, UNet2DConditionModel, UNet2DModel
+from diffusers.pipelines.unclip.text_proj import UnCLIPTextProjModel
+from safetensors.numpy import load_file
+
+import dalle2_portable as d2
+from dalle2_portable import store
+from dalle2_portable.cli import main
+from dalle2_portable.convert import karlo as karlo_layout
+from dalle2_portable.errors import Dalle2Error
+from dalle2_portable.unclip import decoder_attention_mask
+
+DIFFUSERS = {"prior": PriorTransformer, "text_proj": UnCLIPTextProjModel, "decoder": UNet2DConditionModel,
+             "super_res_first": UNet2DModel, "super_res_last": UNet2DModel}
+
+
+@pytest.fixture(scope="module")
+def karlo(tmp_path_factory):
+    """{form: folder} of tiny Karlo pipelines (built once per module: ~3 s)."""
+    root = tmp_path_factory.mktemp("karlo")
+    vocab = write_clip_vocab(root / "vocab")
+    return {"safetensors": write_tiny_karlo(root / "karlo", vocab),
+            "bin": write_tiny_karlo(root / "karlo_bin", vocab, safetensors=False),
+            "fp16": write_tiny_karlo(root / "karlo_fp16", vocab, variant="fp16"),
+            "variations": write_tiny_karlo(root / "karlo_iv", vocab, variations=True)}
+
+
+def _copy(src, tmp_path, name="src"):
+    return shutil.copytree(src, tmp_path / name)
+
+
+@pytest.mark.parametrize("form", ["safetensors", "bin"])
+def test_convert_copies_every_tensor_exactly(karlo, tmp_path, form):
+    """Each component's tensors equal diffusers' / transformers' own loading of the same folder, bit for bit."""
+    from transformers import CLIPTextModelWithProjection
+
+    src = karlo[form]
+    spec = d2.convert(src, tmp_path / "out")
+    assert list(spec.components) == ["text_encoder", "prior", "text_proj", "decoder", "super_res_first",
+                                     "super_res_last"]
+    refs = {n: cls.from_pretrained(src / n) for n, cls in DIFFUSERS.items()}
+    refs["text_encoder"] = CLIPTextModelWithProjection.from_pretrained(src / "text_encoder")
+    for name, ref in refs.items():
+        ours = load_file(tmp_path / "out" / f"{name}.safetensors")
+        theirs = {k: v.numpy() for k, v in ref.state_dict().items() if not k.endswith("position_ids")}
+        assert sorted(ours) == sorted(theirs), name
+        for k, v in theirs.items():
+            np.testing.assert_array_equal(ours[k], v, err_msg=f"{name} {k}")
+
+
+def test_model_json_records_schedulers_tokenizer_and_defaults(karlo, tmp_path):
+    src = karlo["safetensors"]
+    d2.convert(src, tmp_path / "out")
+    spec = store.read_spec(tmp_path / "out")
+    assert spec.source.layout == "diffusers-unclip" and spec.source.repo == str(src)
+    for ours, folder in (("prior", "prior_scheduler"), ("decoder", "decoder_scheduler"),
+                         ("super_res", "super_res_scheduler")):
+        ref = UnCLIPScheduler.from_pretrained(src / folder).config
+        got = spec.schedulers[ours]
+        assert (got.variance_type, got.prediction_type, got.clip_sample, got.clip_sample_range,
+                got.num_train_timesteps) == (ref.variance_type, ref.prediction_type, ref.clip_sample,
+                                             ref.clip_sample_range, ref.num_train_timesteps)
+    assert spec.tokenizer.pad_token == "!"
+    assert spec.defaults == dict(prior_steps=25, decoder_steps=25, super_res_steps=7, prior_guidance=4.0,
+                                 decoder_guidance=8.0, decoder_sample_size=8, super_res_sample_size=16)
+    assert spec.components["super_res_last"].config.sample_size is None  # as on the Hub
+    # the text encoder and tokenizer work through load_clip, and pad with "!" = id 0 as Karlo does
+    clip = d2.load_clip(tmp_path / "out", backend=BACKENDS[0])
+    ids = clip.tokenize(["a cat"])
+    assert ids.shape == (1, 77) and ids[0, -1] == 0
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_load_pipeline_runs_like_diffusers(karlo, backend):
+    """load_pipeline on the local folder: the converted decoder and prior compute what diffusers' do."""
+    src = karlo["safetensors"]
+    pipe = d2.load_pipeline(src, backend=backend)
+    assert set(pipe.components) == {"text_encoder", "prior", "text_proj", "decoder", "super_res_first",
+                                    "super_res_last"}
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 3, 8, 8)).astype(np.float32)
+    context = rng.standard_normal((2, 81, 24)).astype(np.float32)
+    time = rng.standard_normal((2, 64)).astype(np.float32)
+    mask = np.ones((2, 81), bool)
+    mask[1, 40:] = False
+    ref = UNet2DConditionModel.from_pretrained(src / "decoder").eval()
+    with torch.no_grad():
+        expected = ref(torch.from_numpy(x), torch.tensor(500), torch.from_numpy(context),
+                       class_labels=torch.from_numpy(time), attention_mask=torch.from_numpy(mask)).sample.numpy()
+    (got,) = pipe.backend.run(pipe.components["decoder"], x, np.array(500), context, time,
+                              decoder_attention_mask(mask))
+    assert_close_to_scale(got, expected, 1e-5, f"{backend} converted decoder")
+    sr = UNet2DModel.from_pretrained(src / "super_res_last").eval()
+    x6 = rng.standard_normal((1, 6, 16, 16)).astype(np.float32)
+    with torch.no_grad():
+        expected = sr(torch.from_numpy(x6), torch.tensor(0)).sample.numpy()
+    (got,) = pipe.backend.run(pipe.components["super_res_last"], x6, np.array(0))
+    assert_close_to_scale(got, expected, 1e-5, f"{backend} converted super_res_last")
+
+
+def test_variations_pipeline(karlo, tmp_path):
+    spec = d2.convert(karlo["variations"], tmp_path / "out")
+    assert "prior" not in spec.components and spec.components["image_encoder"].type == "clip_vision"
+    assert "prior" not in spec.schedulers and set(spec.schedulers) == {"decoder", "super_res"}
+    assert spec.image_processor.shortest_edge == 32 and spec.image_processor.crop_height == 32
+    assert "prior_steps" not in spec.defaults and spec.defaults["decoder_guidance"] == 8.0
+    pipe = d2.load_pipeline(tmp_path / "out", backend=BACKENDS[0])
+    assert "image_encoder" in pipe.components and "prior" not in pipe.components
+
+
+def test_fp16_variant(karlo, tmp_path):
+    src = karlo["fp16"]
+    d2.convert(src, tmp_path / "out", variant="fp16")
+    ours = load_file(tmp_path / "out" / "decoder.safetensors")  # fp32 written from fp16 exactly
+    theirs = load_file(src / "decoder" / "diffusion_pytorch_model.fp16.safetensors")
+    assert all(ours[k].dtype == np.float32 and np.array_equal(ours[k], theirs[k].astype(np.float32)) for k in theirs)
+    with pytest.raises(Dalle2Error, match="holds variant files \\(fp16\\): pass --variant fp16"):
+        d2.convert(src, tmp_path / "out2")
+    assert not (tmp_path / "out2").exists()
+
+
+def test_hub_id_offline_converts_once_and_caches(karlo, tmp_path, monkeypatch):
+    """A Hub id resolves through the local Hub cache (offline), converts once; the second load converts nothing
+    and does not even need the source's weights any more."""
+    import os
+    from pathlib import Path
+
+    commit = put_in_hub_cache(karlo["safetensors"], "kakaobrain/karlo-v1-alpha", Path(os.environ["HF_HUB_CACHE"]))
+    pipe = d2.load_pipeline("kakaobrain/karlo-v1-alpha", backend=BACKENDS[0])
+    assert pipe.model_dir.name == commit and pipe.spec.source.repo == "kakaobrain/karlo-v1-alpha"
+    assert pipe.spec.source.revision == commit
+
+    def boom(*a, **k):
+        raise AssertionError("converted twice")
+
+    monkeypatch.setattr(karlo_layout, "convert_karlo", boom)
+    for blob in (Path(os.environ["HF_HUB_CACHE"]) / "models--kakaobrain--karlo-v1-alpha" / "blobs").iterdir():
+        if blob.stat().st_size > 10_000:  # the weights: gone from the Hub cache
+            blob.unlink()
+    again = d2.load_pipeline("kakaobrain/karlo-v1-alpha", backend=BACKENDS[0])
+    assert again.model_dir == pipe.model_dir
+
+
+def test_cli_convert_hub_id(karlo, tmp_path):
+    import os
+    from pathlib import Path
+
+    put_in_hub_cache(karlo["bin"], "kakaobrain/karlo-v1-alpha", Path(os.environ["HF_HUB_CACHE"]))
+    r = CliRunner().invoke(main, ["convert", "kakaobrain/karlo-v1-alpha", str(tmp_path / "out")])
+    assert r.exit_code == 0, r.output
+    assert "decoder 215,782" in r.output
+    r = CliRunner().invoke(main, ["info", str(tmp_path / "out")])
+    assert r.exit_code == 0 and "unet2d_condition" in r.output and "learned_range" in r.output
+
+
+def _fail(src, tmp_path, match: str):
+    """`dalle2 convert` fails with exit 2 and one line containing `match`; no output and no temporary left."""
+    r = CliRunner().invoke(main, ["convert", str(src), str(tmp_path / "out")])
+    assert r.exit_code == 2, r.output
+    lines = r.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and match in lines[0], r.output
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_truncated_weight_file(karlo, tmp_path):
+    src = _copy(karlo["safetensors"], tmp_path)
+    f = src / "decoder" / "diffusion_pytorch_model.safetensors"
+    f.write_bytes(f.read_bytes()[:-1000])
+    _fail(src, tmp_path, "decoder")
+    _fail(src, tmp_path, "truncated")
+
+
+def test_missing_subfolder(karlo, tmp_path):
+    src = _copy(karlo["safetensors"], tmp_path)
+    shutil.rmtree(src / "super_res_last")
+    _fail(src, tmp_path, "missing the subfolder 'super_res_last'")
+
+
+def test_unknown_block_type(karlo, tmp_path):
+    src = _copy(karlo["safetensors"], tmp_path)
+    cfg = src / "decoder" / "config.json"
+    d = json.loads(cfg.read_text())
+    d["down_block_types"][1] = "CrossAttnDownBlock2D"
+    cfg.write_text(json.dumps(d))
+    _fail(src, tmp_path, "unsupported down_block_types='CrossAttnDownBlock2D'")
+
+
+def test_unsupported_pipeline_and_missing_entry(karlo, tmp_path):
+    src = _copy(karlo["safetensors"], tmp_path)
+    index = json.loads((src / "model_index.json").read_text())
+    (src / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableDiffusionPipeline"}))
+    _fail(src, tmp_path, "pipeline 'StableDiffusionPipeline' is not supported")
+    del index["prior"]
+    (src / "model_index.json").write_text(json.dumps(index))
+    _fail(src, tmp_path, "no 'prior' entry")
+
+
+def test_mismatched_weights_name_the_tensor(karlo, tmp_path):
+    """Weights that do not fit the config (another decoder's file) fail naming the tensor, before writing."""
+    src = _copy(karlo["safetensors"], tmp_path)
+    shutil.copy(src / "super_res_first" / "diffusion_pytorch_model.safetensors",
+                src / "decoder" / "diffusion_pytorch_model.safetensors")
+    _fail(src, tmp_path, "diffusion_pytorch_model.safetensors")
+
+
+def test_load_pipeline_rejects_clip_and_default(tmp_path):
+    with pytest.raises(Dalle2Error, match="embeds no default model yet"):
+        d2.load_pipeline()
