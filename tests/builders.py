@@ -162,12 +162,29 @@ TINY_KARLO = dict(
 )
 
 
+# The real sizes (reference karlo-v1-alpha.md sections 3-8), for benchmarks/convert_karlo.py.
+KARLO = dict(
+    prior=dict(num_attention_heads=32, attention_head_dim=64, num_layers=20, embedding_dim=768, num_embeddings=77),
+    text_proj=dict(clip_embeddings_dim=768, time_embed_dim=1280, cross_attention_dim=1536),
+    decoder=dict(TINY_KARLO["decoder"], block_out_channels=(320, 640, 960, 1280), layers_per_block=3,
+                 norm_num_groups=32, attention_head_dim=64, cross_attention_dim=1536, sample_size=64,
+                 down_block_types=("ResnetDownsampleBlock2D",) + ("SimpleCrossAttnDownBlock2D",) * 3,
+                 up_block_types=("SimpleCrossAttnUpBlock2D",) * 3 + ("ResnetUpsampleBlock2D",)),
+    super_res=dict(TINY_KARLO["super_res"], block_out_channels=(320, 640, 960, 1280), layers_per_block=3,
+                   norm_num_groups=32, down_block_types=("ResnetDownsampleBlock2D",) * 4,
+                   up_block_types=("ResnetUpsampleBlock2D",) * 4, sample_size=256),
+    text=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+              projection_dim=768, vocab_size=49408),
+)
+
+
 def write_tiny_karlo(d: Path, vocab_dir: Path, variations: bool = False, safetensors: bool = True,
-                     variant: str | None = None, seed: int = 0) -> Path:
+                     variant: str | None = None, seed: int = 0, sizes: dict | None = None) -> Path:
     """A tiny random kakaobrain/karlo-v1-alpha (or -image-variations) saved by diffusers' own
     `UnCLIPPipeline.save_pretrained` (model_index.json, one subfolder per component), with the tokenizer files
     in the Hub's form. safetensors=False writes the `.bin` pickles the Hub also holds (the text encoder's with
-    its int64 position_ids buffer); `variant` names the weight files as diffusers' variants do (`.fp16.`)."""
+    its int64 position_ids buffer); `variant` names the weight files as diffusers' variants do (`.fp16.`).
+    sizes=KARLO builds the real sizes (~3.4 billion parameters, 13.6 GB on disk: for benchmarks only)."""
     import torch
     from diffusers import (PriorTransformer, UnCLIPImageVariationPipeline, UnCLIPPipeline, UnCLIPScheduler,
                            UNet2DConditionModel, UNet2DModel)
@@ -175,16 +192,17 @@ def write_tiny_karlo(d: Path, vocab_dir: Path, variations: bool = False, safeten
     from transformers import (CLIPImageProcessor, CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer,
                               CLIPVisionConfig, CLIPVisionModelWithProjection)
 
+    sizes = sizes or TINY_KARLO
     vocab_size = len(json.loads((vocab_dir / "vocab.json").read_text()))
     torch.manual_seed(seed)
-    text_encoder = CLIPTextModelWithProjection(CLIPTextConfig(
-        **dict(TINY_TEXT, hidden_size=16, projection_dim=16, vocab_size=vocab_size, eos_token_id=2, pad_token_id=1)))
+    text = {**TINY_TEXT, "hidden_size": 16, "projection_dim": 16, "vocab_size": vocab_size, **sizes.get("text", {})}
+    text_encoder = CLIPTextModelWithProjection(CLIPTextConfig(**text, eos_token_id=2, pad_token_id=1))
     parts = dict(
-        decoder=UNet2DConditionModel(**TINY_KARLO["decoder"]), text_encoder=text_encoder,
+        decoder=UNet2DConditionModel(**sizes["decoder"]), text_encoder=text_encoder,
         tokenizer=CLIPTokenizer(str(vocab_dir / "vocab.json"), str(vocab_dir / "merges.txt"), pad_token="!"),
-        text_proj=UnCLIPTextProjModel(**TINY_KARLO["text_proj"]),
-        super_res_first=UNet2DModel(**TINY_KARLO["super_res"]),
-        super_res_last=UNet2DModel(**dict(TINY_KARLO["super_res"], sample_size=None)),
+        text_proj=UnCLIPTextProjModel(**sizes["text_proj"]),
+        super_res_first=UNet2DModel(**sizes["super_res"]),
+        super_res_last=UNet2DModel(**dict(sizes["super_res"], sample_size=None)),
         decoder_scheduler=UnCLIPScheduler(variance_type="learned_range", prediction_type="epsilon"),
         super_res_scheduler=UnCLIPScheduler(variance_type="fixed_small_log", prediction_type="epsilon"))
     for name in ("decoder", "text_proj", "super_res_first", "super_res_last"):  # no zero-initialised weights
@@ -198,7 +216,7 @@ def write_tiny_karlo(d: Path, vocab_dir: Path, variations: bool = False, safeten
                                                                                           projection_dim=16))))
         pipe = UnCLIPImageVariationPipeline(**parts)
     else:
-        prior = PriorTransformer(**TINY_KARLO["prior"])
+        prior = PriorTransformer(**sizes["prior"])
         with torch.no_grad():
             for p in prior.parameters():
                 p.add_(0.05 * torch.randn_like(p))
