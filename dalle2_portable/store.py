@@ -43,6 +43,10 @@ class TensorInfo:
     def numel(self) -> int:
         return int(np.prod(self.shape, dtype=np.int64))
 
+    @property
+    def nbytes(self) -> int:
+        return self.numel * _DTYPE_SIZES.get(self.dtype, 4)
+
 
 def read_spec(model_dir: str | os.PathLike) -> ModelSpec:
     """Parse `model.json`; every problem is one line naming the path and the fix."""

@@ -156,16 +156,20 @@ def test_hub_id_offline_converts_once_and_caches(karlo, tmp_path, monkeypatch):
     assert again.model_dir == pipe.model_dir
 
 
-def test_cli_convert_hub_id(karlo, tmp_path):
+@pytest.mark.parametrize("form,repo,tower", [("bin", "kakaobrain/karlo-v1-alpha", "prior"),
+                                             ("variations", "kakaobrain/karlo-v1-alpha-image-variations",
+                                              "image_encoder")])
+def test_cli_convert_hub_id(karlo, tmp_path, form, repo, tower):
     import os
     from pathlib import Path
 
-    put_in_hub_cache(karlo["bin"], "kakaobrain/karlo-v1-alpha", Path(os.environ["HF_HUB_CACHE"]))
-    r = CliRunner().invoke(main, ["convert", "kakaobrain/karlo-v1-alpha", str(tmp_path / "out")])
+    put_in_hub_cache(karlo[form], repo, Path(os.environ["HF_HUB_CACHE"]))
+    r = CliRunner().invoke(main, ["convert", repo, str(tmp_path / "out")])
     assert r.exit_code == 0, r.output
-    assert "decoder 215,782" in r.output
+    assert "decoder 215,782" in r.output and f"{tower} " in r.output
     r = CliRunner().invoke(main, ["info", str(tmp_path / "out")])
     assert r.exit_code == 0 and "unet2d_condition" in r.output and "learned_range" in r.output
+    assert f"{repo} @ " in r.output
 
 
 def _fail(src, tmp_path, match: str):

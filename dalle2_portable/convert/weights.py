@@ -15,6 +15,9 @@ from .. import store
 from ..errors import Dalle2Error
 
 
+REOPEN_BYTES = 256 * 2**20  # see Checkpoint._handle
+
+
 def _torch():
     try:
         import torch
@@ -36,6 +39,7 @@ class Checkpoint:
         self._files: dict[str, Path] = {}  # tensor name -> file
         self._bins: dict[Path, dict] = {}
         self._handles: dict[tuple[Path, str], object] = {}
+        self._served = 0  # bytes read through the open handles
         self._infos: dict[str, store.TensorInfo] = {}
         st = self._shards(f"{stem}{v}.safetensors")
         if st:
@@ -91,13 +95,19 @@ class Checkpoint:
             raise Dalle2Error(f"cannot read checkpoint {str(path)!r} ({type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else ''}); re-download it") from None
 
-    def _handle(self, path: Path, framework: str):
-        """One open (memory-mapped) safe_open handle per file and framework, reused for every tensor."""
+    def _handle(self, path: Path, framework: str, nbytes: int):
+        """An open safe_open handle on `path`, reused for the next tensors. A handle memory-maps its whole file
+        and every page a read touches stays resident until it is closed, so handles are closed once they have
+        served REOPEN_BYTES: the process then holds at most that much of the source file (the page cache keeps
+        the rest, reclaimable), not the whole 4 GB of Karlo's prior."""
         from safetensors import safe_open
 
         key = (path, framework)
-        if key not in self._handles:
+        if key not in self._handles or self._served > REOPEN_BYTES:
+            self._handles.clear()  # dropping a handle unmaps its file (arrays already read are copies)
+            self._served = 0
             self._handles[key] = safe_open(path, framework=framework)
+        self._served += nbytes
         return self._handles[key]
 
     def names(self) -> list[str]:
@@ -116,8 +126,8 @@ class Checkpoint:
 
         try:
             if self._infos[name].dtype == "BF16":
-                return self._handle(path, "pt").get_tensor(name).float().numpy()
-            return self._handle(path, "numpy").get_tensor(name)
+                return self._handle(path, "pt", self._infos[name].nbytes).get_tensor(name).float().numpy()
+            return self._handle(path, "numpy", self._infos[name].nbytes).get_tensor(name)
         except SafetensorError as e:
             raise Dalle2Error(f"cannot read tensor {name!r} from {str(path)!r} ({e}); re-download it") from None
 
