@@ -293,15 +293,31 @@ class TextProjConfig(_Config):
         return cls(**_pick(cls, d))
 
 
-class _UNetConfig(_Config):
-    """What the two diffusers UNets share (decoder and super-res): sizes, block types, time conditioning.
+# diffusers' own defaults for what both UNet classes share (a key a config.json leaves out means these)
+_HF_UNET_DEFAULTS = dict(sample_size=None, flip_sin_to_cos=True, freq_shift=0, layers_per_block=2,
+                         mid_block_scale_factor=1.0, norm_num_groups=32, norm_eps=1e-5,
+                         resnet_time_scale_shift="default")
 
-    Block types are diffusers' names; `unclip.unet_blocks` turns a config into per-block channel plans."""
+
+@dataclass(frozen=True)
+class _UNetConfig(_Config):
+    """What the two diffusers UNets share (decoder and super-res): sizes and time conditioning, here with the
+    values both of Karlo's UNets have. Block types are diffusers' names (in the subclasses);
+    `unclip.unet_blocks` turns a config into per-block channel plans."""
 
     DOWN: ClassVar[tuple[str, ...]]  # the block types we implement, per position
     MID: ClassVar[tuple[str, ...]]
     UP: ClassVar[tuple[str, ...]]
     WHERE: ClassVar[str]
+    HF_DEFAULTS: ClassVar[dict[str, Any]]
+    block_out_channels: tuple[int, ...] = (320, 640, 960, 1280)
+    layers_per_block: int = 3
+    norm_num_groups: int = 32
+    norm_eps: float = 1e-5
+    flip_sin_to_cos: bool = True
+    freq_shift: int = 0
+    mid_block_scale_factor: float = 1.0
+    time_embed_dim: int = 1280  # diffusers: time_embedding_dim, None -> 4 x block_out_channels[0]
 
     def __post_init__(self):
         n = len(self.block_out_channels)
@@ -358,25 +374,16 @@ class UNet2DConditionConfig(_UNetConfig):
     MID: ClassVar[tuple[str, ...]] = ("UNetMidBlock2DSimpleCrossAttn",)
     UP: ClassVar[tuple[str, ...]] = ("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D")
     HF_DEFAULTS: ClassVar[dict[str, Any]] = dict(  # diffusers `UNet2DConditionModel.__init__` defaults
-        sample_size=None, in_channels=4, out_channels=4, flip_sin_to_cos=True, freq_shift=0,
+        _HF_UNET_DEFAULTS, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280),
         down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",), mid_block_type="UNetMidBlock2DCrossAttn",
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, block_out_channels=(320, 640, 1280, 1280),
-        layers_per_block=2, mid_block_scale_factor=1.0, norm_num_groups=32, norm_eps=1e-5, cross_attention_dim=1280,
-        attention_head_dim=8, resnet_time_scale_shift="default", class_embed_type=None)
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=1280,
+        attention_head_dim=8, class_embed_type=None)
     in_channels: int = 3
     out_channels: int = 6
-    block_out_channels: tuple[int, ...] = (320, 640, 960, 1280)
-    layers_per_block: int = 3
     down_block_types: tuple[str, ...] = ("ResnetDownsampleBlock2D",) + ("SimpleCrossAttnDownBlock2D",) * 3
     mid_block_type: str = "UNetMidBlock2DSimpleCrossAttn"
     up_block_types: tuple[str, ...] = ("SimpleCrossAttnUpBlock2D",) * 3 + ("ResnetUpsampleBlock2D",)
-    norm_num_groups: int = 32
-    norm_eps: float = 1e-5
-    flip_sin_to_cos: bool = True
-    freq_shift: int = 0
     resnet_time_scale_shift: str = "scale_shift"
-    mid_block_scale_factor: float = 1.0
-    time_embed_dim: int = 1280
     sample_size: int | None = 64
     attention_head_dim: int = 64  # for SimpleCrossAttn blocks this is the head SIZE: heads = channels // 64
     cross_attention_dim: int = 1536  # context width (text_proj's output)
@@ -430,25 +437,15 @@ class UNet2DConfig(_UNetConfig):
     MID: ClassVar[tuple[str, ...]] = ("UNetMidBlock2D",)
     UP: ClassVar[tuple[str, ...]] = ("ResnetUpsampleBlock2D",)
     HF_DEFAULTS: ClassVar[dict[str, Any]] = dict(  # diffusers `UNet2DModel.__init__` defaults
-        sample_size=None, in_channels=3, out_channels=3, flip_sin_to_cos=True, freq_shift=0,
+        _HF_UNET_DEFAULTS, in_channels=3, out_channels=3, block_out_channels=(224, 448, 672, 896),
         down_block_types=("DownBlock2D",) + ("AttnDownBlock2D",) * 3, mid_block_type="UNetMidBlock2D",
-        up_block_types=("AttnUpBlock2D",) * 3 + ("UpBlock2D",), block_out_channels=(224, 448, 672, 896),
-        layers_per_block=2, mid_block_scale_factor=1.0, norm_num_groups=32, norm_eps=1e-5,
-        resnet_time_scale_shift="default")
+        up_block_types=("AttnUpBlock2D",) * 3 + ("UpBlock2D",))
     in_channels: int = 6
     out_channels: int = 3
-    block_out_channels: tuple[int, ...] = (320, 640, 960, 1280)
-    layers_per_block: int = 3
     down_block_types: tuple[str, ...] = ("ResnetDownsampleBlock2D",) * 4
     mid_block_type: str = "UNetMidBlock2D"
     up_block_types: tuple[str, ...] = ("ResnetUpsampleBlock2D",) * 4
-    norm_num_groups: int = 32
-    norm_eps: float = 1e-5
-    flip_sin_to_cos: bool = True
-    freq_shift: int = 0
     resnet_time_scale_shift: str = "default"
-    mid_block_scale_factor: float = 1.0
-    time_embed_dim: int = 1280
     sample_size: int | None = 256  # null in Karlo's super_res_last (harmless: the pipeline reads the first's)
 
     @classmethod

@@ -85,6 +85,16 @@ class Backend(ABC):
 
     # -- calls -----------------------------------------------------------------------------------------------
     @abstractmethod
+    def array(self, x: np.ndarray):
+        """One contiguous NumPy array -> this backend's array on its device; floats cast to the compute dtype,
+        integers and bools kept."""
+
+    def arrays(self, inputs) -> list:
+        """`array` over call inputs: None stays None (an optional input left out, e.g. a mask); Python scalars
+        and bools become 0-d arrays (e.g. text_proj's CFG flag)."""
+        return [None if x is None else self.array(np.ascontiguousarray(x)) for x in inputs]
+
+    @abstractmethod
     def run(self, module, *inputs: np.ndarray) -> tuple[np.ndarray, ...]:
         """Call `module` on NumPy inputs (floats cast to the compute dtype, integers and bools kept, None passed
         as None), without gradients, and return its outputs as float32 NumPy arrays."""

@@ -125,15 +125,12 @@ class MLXBackend(Backend):
         return {k: np.array(_to_canonical_layout(k, v, convs).astype(mx.float32))
                 for k, v in tree_flatten(module.parameters())}
 
+    def array(self, x):
+        a = mx.array(x)
+        return a.astype(self.mx_dtype) if np.issubdtype(x.dtype, np.floating) else a
+
     def run(self, module, *inputs):
-        args = []
-        for x in inputs:
-            if x is None:  # an optional input left out (e.g. the prior's attention mask)
-                args.append(None)
-                continue
-            x = np.ascontiguousarray(x)  # Python scalars/bools too (e.g. text_proj's CFG flag), as torch's run
-            a = mx.array(x)
-            args.append(a.astype(self.mx_dtype) if np.issubdtype(x.dtype, np.floating) else a)
+        args = self.arrays(inputs)
         with mx.stream(self.stream):
             out = module(*args)
             out = out if isinstance(out, tuple) else (out,)

@@ -64,14 +64,12 @@ class TorchBackend(Backend):
     def state_dict(self, module):
         return {k: v.detach().float().cpu().numpy() for k, v in module.state_dict().items()}
 
+    def array(self, x):
+        t = torch.from_numpy(x)
+        return t.to(self.device, self.torch_dtype) if t.is_floating_point() else t.to(self.device)
+
     def run(self, module, *inputs):
-        args = []
-        for x in inputs:
-            if x is None:  # an optional input left out (e.g. the prior's attention mask)
-                args.append(None)
-                continue
-            t = torch.from_numpy(np.ascontiguousarray(x))
-            args.append(t.to(self.device, self.torch_dtype) if t.is_floating_point() else t.to(self.device))
+        args = self.arrays(inputs)
         with torch.inference_mode():
             out = module(*args)
         out = out if isinstance(out, tuple) else (out,)
