@@ -57,7 +57,7 @@ def largest_tensor_gb(folder: Path) -> tuple[str, float]:
     best = ("", 0)
     for f in folder.glob("*/*.safetensors"):
         for name, info in read_header(f).items():
-            size = info.numel * 4
+            size = info.nbytes
             if size > best[1]:
                 best = (f"{f.parent.name}/{name}", size)
     return best[0], best[1] / 2**30
