@@ -1,0 +1,110 @@
+"""Noise schedules and sampler steps in NumPy, shared by both backends.
+
+`UnCLIPSchedule` is diffusers' `UnCLIPScheduler` computed the same way in the same precision (float32 arrays
+and float32 scalars, as diffusers' 0-d torch tensors are), so a step here equals diffusers' step to float32
+rounding. The sampler never draws noise: the loop passes each draw in (ARCHITECTURE.md, "Randomness").
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .errors import Dalle2Error
+from .spec import SchedulerConfig
+
+F32 = np.float32
+
+
+def squaredcos_cap_v2_betas(num_train_timesteps: int, max_beta: float = 0.999) -> np.ndarray:
+    """diffusers' `betas_for_alpha_bar` (cosine): beta_i = min(1 - abar((i+1)/T) / abar(i/T), max_beta) with
+    abar(t) = cos((t + 0.008) / 1.008 * pi / 2)^2, computed in Python floats, stored as float32."""
+    def abar(t: float) -> float:
+        return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+
+    n = num_train_timesteps
+    return np.array([min(1 - abar((i + 1) / n) / abar(i / n), max_beta) for i in range(n)], dtype=F32)
+
+
+class UnCLIPSchedule:
+    """The schedule of one stage (prior, decoder or super-res) and its ancestral step."""
+
+    def __init__(self, config: SchedulerConfig):
+        self.config = config
+        self.betas = squaredcos_cap_v2_betas(config.num_train_timesteps)
+        self.alphas = (F32(1.0) - self.betas).astype(F32)
+        # torch's float32 cumprod accumulates in float64 on CPU; so do we, then round once (bit-identical)
+        self.alphas_cumprod = np.cumprod(self.alphas.astype(np.float64)).astype(F32)
+
+    def timesteps(self, num_inference_steps: int) -> np.ndarray:
+        """The descending int64 timesteps `UnCLIPScheduler.set_timesteps` makes: round(i * (T-1)/(n-1)) for
+        i < n (NumPy rounding, half to even), reversed. n = 25 gives 999, 957, ..., 42, 0."""
+        n, total = int(num_inference_steps), self.config.num_train_timesteps
+        if not 2 <= n <= total:
+            raise Dalle2Error(f"steps must be between 2 and {total} for this scheduler, got {num_inference_steps}")
+        ratio = (total - 1) / (n - 1)
+        return (np.arange(0, n) * ratio).round()[::-1].copy().astype(np.int64)
+
+    @staticmethod
+    def previous(timesteps: np.ndarray, i: int) -> int | None:
+        """The previous timestep the pipelines pass at step i: the next entry, or None (= t - 1) at the end."""
+        return int(timesteps[i + 1]) if i + 1 < len(timesteps) else None
+
+    def _alpha_prod(self, t: int) -> np.float32:
+        return self.alphas_cumprod[t] if t >= 0 else F32(1.0)
+
+    def _beta(self, t: int, prev: int) -> np.float32:
+        """The beta of the jump t -> prev: the trained one for a single step, else 1 - abar_t / abar_prev."""
+        if prev == t - 1:
+            return self.betas[t]
+        return F32(F32(1.0) - self._alpha_prod(t) / self._alpha_prod(prev))
+
+    def log_sigma(self, t: int, prev: int, predicted_variance: np.ndarray | None = None):
+        """log of the standard deviation of the noise added at t -> prev, as diffusers' `_get_variance` then
+        `step` compute it: fixed_small_log = 0.5 log(max(posterior variance, 1e-20)); learned_range = 0.5 x the
+        interpolation, by (v + 1) / 2, between log(posterior variance) and log(beta)."""
+        beta = self._beta(t, prev)
+        variance = F32((F32(1.0) - self._alpha_prod(prev)) / (F32(1.0) - self._alpha_prod(t)) * beta)
+        if self.config.variance_type == "fixed_small_log":
+            return F32(F32(0.5) * np.log(max(variance, F32(1e-20))))
+        if predicted_variance is None:
+            raise Dalle2Error("learned_range variance needs the model's predicted variance channels")
+        frac = ((predicted_variance + F32(1.0)) / F32(2.0)).astype(F32)
+        log_var = frac * np.log(beta) + (F32(1.0) - frac) * np.log(variance)
+        return (F32(0.5) * log_var).astype(F32)
+
+    def step(self, model_output: np.ndarray, t: int, sample: np.ndarray, prev: int | None = None,
+             noise: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """One ancestral step t -> prev (default t - 1): returns (x_prev, predicted x0), float32.
+
+        model_output: epsilon or x0 (config.prediction_type); with learned_range it may carry the predicted
+        variance as extra channels (the decoder's 6 = 3 + 3), split off here as diffusers does. `noise` is the
+        standard-normal draw for this step, required when t > 0 (no noise is added at t = 0)."""
+        t = int(t)
+        prev = t - 1 if prev is None else int(prev)
+        model_output = np.asarray(model_output, F32)
+        sample = np.asarray(sample, F32)
+        predicted_variance = None
+        c = sample.shape[1]
+        if model_output.shape[1] == 2 * c and self.config.variance_type == "learned_range":
+            model_output, predicted_variance = model_output[:, :c], model_output[:, c:]
+        a_t, a_prev = self._alpha_prod(t), self._alpha_prod(prev)
+        b_t, b_prev = F32(F32(1.0) - a_t), F32(F32(1.0) - a_prev)
+        beta = self._beta(t, prev)
+        alpha = self.alphas[t] if prev == t - 1 else F32(F32(1.0) - beta)
+        if self.config.prediction_type == "epsilon":
+            x0 = (sample - F32(b_t ** F32(0.5)) * model_output) / F32(a_t ** F32(0.5))
+        else:
+            x0 = model_output
+        if self.config.clip_sample:
+            r = F32(self.config.clip_sample_range)
+            x0 = np.clip(x0, -r, r)
+        x0_coeff = F32(F32(a_prev ** F32(0.5)) * beta / b_t)
+        sample_coeff = F32(F32(alpha ** F32(0.5)) * b_prev / b_t)
+        prev_sample = x0_coeff * x0 + sample_coeff * sample
+        if t > 0:
+            if noise is None:
+                raise Dalle2Error(f"the step at t={t} adds noise: pass this step's draw")
+            prev_sample = prev_sample + np.exp(self.log_sigma(t, prev, predicted_variance)) * np.asarray(noise, F32)
+        return prev_sample.astype(F32), np.asarray(x0, F32)
