@@ -1,5 +1,6 @@
 """The unCLIP UNets in MLX: Karlo's decoder (diffusers `UNet2DConditionModel`) and its super-res UNets
-(diffusers `UNet2DModel`), one class for both, sized by `unclip.unet_blocks`.
+(diffusers `UNet2DModel`), one class for both, sized by `unclip.unet_blocks`; the call order of the blocks
+and skips is `unet_flow`'s, shared with the other backend.
 
 The same tree and names as backends/torch/unet.py (see its docstring). Inside, feature maps are NHWC (MLX's
 convolution layout); `UNet.__call__` takes and returns NCHW like the torch module. GroupNorm uses
@@ -8,8 +9,8 @@ convolution layout); `UNet.__call__` takes and returns NCHW like the torch modul
 
 from __future__ import annotations
 
-from ...errors import Dalle2Error
 from ...unclip import BlockPlan, check_unet_sample, unet_blocks
+from ...unet_flow import DownFlow, MidFlow, UNetFlow, UpFlow
 from .layers import TimestepEmbedding, Timesteps, attention, mx, nn, silu
 
 
@@ -86,7 +87,8 @@ class Attention(nn.Module):
 
 
 class _Block(nn.Module):
-    """The resnets and attentions of one block; the subclasses add the resampler and their own call."""
+    """The resnets and attentions of one block; the subclasses add the resampler (the flow is
+    unet_flow's)."""
 
     def __init__(self, plan: BlockPlan, cfg, context_dim: int | None, output_scale_factor: float = 1.0):
         super().__init__()
@@ -95,59 +97,42 @@ class _Block(nn.Module):
             self.attentions = [Attention(plan.channels, plan.heads, context_dim, cfg.norm_num_groups)
                                for _ in range(plan.attentions)]
 
-    def _attend(self, i: int, x, context, mask):
-        return self.attentions[i](x, context, mask) if "attentions" in self else x
-
 
 def _resnet(cfg, cin: int, cout: int, resample: str | None = None, output_scale_factor: float = 1.0):
     return ResnetBlock2D(cin, cout, cfg.time_embed_dim, cfg.norm_num_groups, cfg.norm_eps,
                          cfg.resnet_time_scale_shift == "scale_shift", resample, output_scale_factor)
 
 
-class DownBlock(_Block):
+class DownBlock(DownFlow, _Block):
     def __init__(self, plan: BlockPlan, cfg, context_dim: int | None):
         super().__init__(plan, cfg, context_dim)
         if plan.resample:
             self.downsamplers = [_resnet(cfg, plan.channels, plan.channels, "down")]
 
-    def __call__(self, x, temb, context, mask):
-        skips = []
-        for i, resnet in enumerate(self.resnets):
-            x = self._attend(i, resnet(x, temb), context, mask)
-            skips.append(x)
-        if "downsamplers" in self:
-            x = self.downsamplers[0](x, temb)
-            skips.append(x)
-        return x, skips
+    __call__ = DownFlow.run
 
 
-class MidBlock(_Block):
+class MidBlock(MidFlow, _Block):
     def __init__(self, plan: BlockPlan, cfg, context_dim: int | None):
         super().__init__(plan, cfg, context_dim, cfg.mid_block_scale_factor)
 
-    def __call__(self, x, temb, context, mask):
-        x = self.resnets[0](x, temb)
-        for i, resnet in enumerate(self.resnets[1:]):
-            x = resnet(self._attend(i, x, context, mask), temb)
-        return x
+    __call__ = MidFlow.run
 
 
-class UpBlock(_Block):
+class UpBlock(UpFlow, _Block):
     def __init__(self, plan: BlockPlan, cfg, context_dim: int | None):
         super().__init__(plan, cfg, context_dim)
         if plan.resample:
             self.upsamplers = [_resnet(cfg, plan.channels, plan.channels, "up")]
 
-    def __call__(self, x, skips, temb, context, mask):
-        for i, resnet in enumerate(self.resnets):
-            x = mx.concatenate([x, skips.pop()], axis=-1)  # the latest skip first, as diffusers' [-1]
-            x = self._attend(i, resnet(x, temb), context, mask)
-        if "upsamplers" in self:
-            x = self.upsamplers[0](x, temb)
-        return x
+    __call__ = UpFlow.run
+
+    @staticmethod
+    def concat_channels(a, b):
+        return mx.concatenate([a, b], axis=-1)
 
 
-class UNet(nn.Module):
+class UNet(UNetFlow, nn.Module):
     """diffusers `UNet2DConditionModel` (decoder config) or `UNet2DModel` (super-res config)."""
 
     def __init__(self, config):
@@ -172,16 +157,7 @@ class UNet(nn.Module):
         check_unet_sample(tuple(sample.shape), self.config)
         timesteps = mx.broadcast_to(timestep.reshape(-1), (sample.shape[0],))
         emb = self.time_embedding(self.time_proj(timesteps).astype(sample.dtype))  # (B, T)
-        if self.class_embed_type == "identity":
-            if class_labels is None:
-                raise Dalle2Error("decoder: class_labels (text_proj's additive time embedding) is required")
-            emb = emb + class_labels.astype(sample.dtype)
+        emb = self.condition(emb, None if class_labels is None else class_labels.astype(sample.dtype))
         x = self.conv_in(sample.transpose(0, 2, 3, 1))  # NCHW -> NHWC
-        skips = [x]
-        for block in self.down_blocks:
-            x, res = block(x, emb, encoder_hidden_states, attention_mask)
-            skips += res
-        x = self.mid_block(x, emb, encoder_hidden_states, attention_mask)
-        for block in self.up_blocks:
-            x = block(x, skips, emb, encoder_hidden_states, attention_mask)  # consumes len(resnets) skips
+        x = self.run_blocks(x, emb, encoder_hidden_states, attention_mask)
         return self.conv_out(silu(self.conv_norm_out(x))).transpose(0, 3, 1, 2)  # NHWC -> NCHW
