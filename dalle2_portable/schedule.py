@@ -16,6 +16,11 @@ from .spec import SchedulerConfig
 
 F32 = np.float32
 
+# The samplers a stage can use. "ancestral" is the reference: UnCLIPScheduler's DDPM step with its own variance,
+# one noise draw per step but the last. "ddim" is deterministic DDIM (eta = 0, diffusers' DDIMScheduler step):
+# no noise after the initial latents, and good images in fewer steps.
+SAMPLERS = ("ancestral", "ddim")
+
 
 def squaredcos_cap_v2_betas(num_train_timesteps: int, max_beta: float = 0.999) -> np.ndarray:
     """diffusers' `betas_for_alpha_bar` (cosine): beta_i = min(1 - abar((i+1)/T) / abar(i/T), max_beta) with
@@ -74,6 +79,57 @@ class UnCLIPSchedule:
         log_var = frac * np.log(beta) + (F32(1.0) - frac) * np.log(variance)
         return (F32(0.5) * log_var).astype(F32)
 
+    @staticmethod
+    def adds_noise(sampler: str, t: int) -> bool:
+        """Whether the step at t takes a noise draw (the loop draws it only then, keeping the stream in order)."""
+        return sampler == "ancestral" and int(t) > 0
+
+    def sample_step(self, sampler: str, model_output: np.ndarray, t: int, sample: np.ndarray, prev: int | None,
+                    noise: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """One step of the named sampler: `step` (ancestral) or `ddim_step`."""
+        if sampler == "ancestral":
+            return self.step(model_output, t, sample, prev, noise)
+        if sampler == "ddim":
+            return self.ddim_step(model_output, t, sample, prev)
+        raise Dalle2Error(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+
+    def _split_variance(self, model_output: np.ndarray, sample: np.ndarray):
+        """(prediction, predicted variance or None): a learned_range model's extra channels split off."""
+        c = sample.shape[1]
+        if model_output.shape[1] == 2 * c and self.config.variance_type == "learned_range":
+            return model_output[:, :c], model_output[:, c:]
+        return model_output, None
+
+    def _predict_x0(self, model_output: np.ndarray, sample: np.ndarray, a_t: np.float32) -> np.ndarray:
+        if self.config.prediction_type == "epsilon":
+            return (sample - F32((F32(1.0) - a_t) ** F32(0.5)) * model_output) / F32(a_t ** F32(0.5))
+        return model_output
+
+    def _clip(self, x0: np.ndarray) -> np.ndarray:
+        if self.config.clip_sample:
+            r = F32(self.config.clip_sample_range)
+            return np.clip(x0, -r, r)
+        return x0
+
+    def ddim_step(self, model_output: np.ndarray, t: int, sample: np.ndarray, prev: int | None = None):
+        """One deterministic DDIM step t -> prev (eta = 0), as diffusers' `DDIMScheduler.step` computes it with
+        `set_alpha_to_one=True` (the step to -1 lands on x0): x0 and epsilon from the model output, x0 clipped
+        (epsilon is not recomputed from the clipped x0, as there), x_prev = sqrt(abar_prev) x0 +
+        sqrt(1 - abar_prev) eps. A learned variance is ignored. Returns (x_prev, predicted x0), float32."""
+        t = int(t)
+        prev = t - 1 if prev is None else int(prev)
+        sample = np.asarray(sample, F32)
+        model_output, _ = self._split_variance(np.asarray(model_output, F32), sample)
+        a_t, a_prev = self._alpha_prod(t), self._alpha_prod(prev)
+        x0 = self._predict_x0(model_output, sample, a_t)
+        if self.config.prediction_type == "epsilon":
+            eps = model_output
+        else:
+            eps = (sample - F32(a_t ** F32(0.5)) * x0) / F32((F32(1.0) - a_t) ** F32(0.5))
+        x0 = self._clip(x0)
+        prev_sample = F32(a_prev ** F32(0.5)) * x0 + F32((F32(1.0) - a_prev) ** F32(0.5)) * eps
+        return prev_sample.astype(F32), np.asarray(x0, F32)
+
     def step(self, model_output: np.ndarray, t: int, sample: np.ndarray, prev: int | None = None,
              noise: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """One ancestral step t -> prev (default t - 1): returns (x_prev, predicted x0), float32.
@@ -85,21 +141,12 @@ class UnCLIPSchedule:
         prev = t - 1 if prev is None else int(prev)
         model_output = np.asarray(model_output, F32)
         sample = np.asarray(sample, F32)
-        predicted_variance = None
-        c = sample.shape[1]
-        if model_output.shape[1] == 2 * c and self.config.variance_type == "learned_range":
-            model_output, predicted_variance = model_output[:, :c], model_output[:, c:]
+        model_output, predicted_variance = self._split_variance(model_output, sample)
         a_t, a_prev = self._alpha_prod(t), self._alpha_prod(prev)
         b_t, b_prev = F32(F32(1.0) - a_t), F32(F32(1.0) - a_prev)
         beta = self._beta(t, prev)
         alpha = self.alphas[t] if prev == t - 1 else F32(F32(1.0) - beta)
-        if self.config.prediction_type == "epsilon":
-            x0 = (sample - F32(b_t ** F32(0.5)) * model_output) / F32(a_t ** F32(0.5))
-        else:
-            x0 = model_output
-        if self.config.clip_sample:
-            r = F32(self.config.clip_sample_range)
-            x0 = np.clip(x0, -r, r)
+        x0 = self._clip(self._predict_x0(model_output, sample, a_t))
         x0_coeff = F32(F32(a_prev ** F32(0.5)) * beta / b_t)
         sample_coeff = F32(F32(alpha ** F32(0.5)) * b_prev / b_t)
         prev_sample = x0_coeff * x0 + sample_coeff * sample

@@ -335,3 +335,19 @@ def test_to_pil_rule_and_layouts():
         to_pil(np.zeros((4, 4)))
     with pytest.raises(ValueError, match="NaN"):
         to_pil(np.full((2, 2, 3), np.nan))
+
+
+@pytest.mark.parametrize("size_in,size_out", [(8, 16), (64, 256), (7, 20), (16, 16), (32, 8)])
+def test_upscale_bicubic_equals_torch_antialias(size_in, size_out):
+    """The super-res conditioning image: torch's antialiased bicubic (Keys a=-0.5, border renormalised)."""
+    import torch
+    import torch.nn.functional as F
+
+    from dalle2_portable.unclip import upscale_bicubic
+
+    x = np.random.default_rng(0).uniform(-1, 1, (2, 3, size_in, size_in)).astype(np.float32)
+    ref = F.interpolate(torch.from_numpy(x), size=[size_out, size_out], mode="bicubic", align_corners=False,
+                        antialias=True).numpy()
+    got = upscale_bicubic(x, size_out)
+    assert got.dtype == np.float32 and got.shape == ref.shape
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-6)

@@ -103,3 +103,35 @@ def test_learned_range_needs_the_variance_and_noise_is_required():
         s.step(np.zeros((1, 6, 2, 2), np.float32), 500, x, 400)
     out, _ = s.step(np.zeros((1, 6, 2, 2), np.float32), 0, x)  # t = 0 adds no noise
     assert out.shape == x.shape
+
+
+@pytest.mark.parametrize("stage", list(KARLO))
+def test_ddim_steps_equal_diffusers(stage):
+    """Our DDIM step against diffusers' DDIMScheduler (eta 0, the same cosine betas, set_alpha_to_one) over a
+    whole chain of its own uniform timesteps, fed the same model outputs."""
+    from diffusers import DDIMScheduler
+
+    cfg = SchedulerConfig(**KARLO[stage])
+    ref = DDIMScheduler(beta_schedule="squaredcos_cap_v2", clip_sample=True, set_alpha_to_one=True,
+                        clip_sample_range=cfg.clip_sample_range, prediction_type=cfg.prediction_type)
+    ref.set_timesteps(10)
+    ours = UnCLIPSchedule(cfg)
+    np.testing.assert_array_equal(ours.alphas_cumprod, ref.alphas_cumprod.numpy())
+    rng = np.random.default_rng(3)
+    shape = SHAPES[stage]
+    sample = ref_sample = rng.standard_normal(shape, dtype=np.float32)
+    for t in ref.timesteps.tolist():
+        out = rng.standard_normal(shape, dtype=np.float32) * (3 if stage == "prior" else 1)
+        ref_out = torch.from_numpy(out)
+        if stage == "decoder":  # a learned-variance output: DDIM ignores the variance channels
+            out = np.concatenate([out, rng.uniform(-1, 1, shape).astype(np.float32)], axis=1)
+        prev = t - ref.config.num_train_timesteps // 10
+        assert not UnCLIPSchedule.adds_noise("ddim", t)
+        sample, x0 = ours.sample_step("ddim", out, t, sample, prev if prev >= 0 else -1)
+        r = ref.step(ref_out, t, torch.from_numpy(ref_sample), eta=0.0)
+        ref_sample = r.prev_sample.numpy()
+        np.testing.assert_allclose(x0, r.pred_original_sample.numpy(), rtol=0, atol=2e-6 * (1 + np.abs(x0).max()))
+        np.testing.assert_allclose(sample, ref_sample, rtol=0, atol=2e-6 * (1 + np.abs(ref_sample).max()))
+        sample = ref_sample  # next step from identical inputs
+    with pytest.raises(Dalle2Error, match="unknown sampler 'euler'"):
+        ours.sample_step("euler", out, 0, sample, None)
