@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,31 @@ def pool_positions(input_ids: np.ndarray, eos_token_id: int) -> np.ndarray:
 def normalize(x: np.ndarray) -> np.ndarray:
     """Unit-norm rows (CLIP similarities are cosines)."""
     return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+@dataclass(frozen=True)
+class TextCondition:
+    """The CLIP text condition of a batch: projected embeddings (B, P), last-layer token states (B, N, D), and
+    the tokenizer's mask (B, N) bool (True = a real token)."""
+
+    embeds: np.ndarray
+    states: np.ndarray
+    mask: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.embeds)
+
+    def repeat(self, n: int) -> TextCondition:
+        """Each row n times in a row (`repeat_interleave`: prompt-major batches, as diffusers orders them)."""
+        return TextCondition(*(np.repeat(a, n, axis=0) for a in (self.embeds, self.states, self.mask)))
+
+    def take(self, index) -> TextCondition:
+        return TextCondition(self.embeds[index], self.states[index], self.mask[index])
+
+    @staticmethod
+    def cat(*parts: TextCondition) -> TextCondition:
+        return TextCondition(*(np.concatenate(a, axis=0) for a in zip(*((p.embeds, p.states, p.mask)
+                                                                         for p in parts))))
 
 
 class CLIP:
@@ -73,14 +99,20 @@ class CLIP:
         self._module("text_encoder")
         return self.tokenizer([texts] if isinstance(texts, str) else list(texts))
 
+    def text_condition(self, texts: list[str] | str) -> TextCondition:
+        """texts -> embeddings, last-layer token states and the tokenizer's mask: what unCLIP conditions on.
+        The encoder runs with only its causal mask, as transformers' CLIP and the unCLIP pipelines call it."""
+        module = self._module("text_encoder")
+        ids, mask = self.tokenizer.encode_with_mask([texts] if isinstance(texts, str) else list(texts))
+        eos = self.spec.components["text_encoder"].config.eos_token_id
+        embeds, states = self.backend.run(module, ids, pool_positions(ids, eos))
+        return TextCondition(embeds, states, mask.astype(bool))
+
     def encode_text(self, texts: list[str] | str, return_hidden_states: bool = False):
         """texts -> text embeddings (B, projection_dim); with return_hidden_states also (B, L, D) token states
         (the last layer after final_layer_norm, what unCLIP priors condition on)."""
-        module = self._module("text_encoder")
-        ids = self.tokenize(texts)
-        eos = self.spec.components["text_encoder"].config.eos_token_id
-        embeds, states = self.backend.run(module, ids, pool_positions(ids, eos))
-        return (embeds, states) if return_hidden_states else embeds
+        cond = self.text_condition(texts)
+        return (cond.embeds, cond.states) if return_hidden_states else cond.embeds
 
     def preprocess(self, images) -> np.ndarray:
         """PIL images or paths -> (B, 3, H, W) float32 as the model's CLIPImageProcessor config makes them."""

@@ -1,32 +1,90 @@
-"""The unCLIP pipeline: one model directory's components loaded on one backend.
+"""The unCLIP pipeline: one model directory's components on one backend, and the verbs that sample from it.
 
     pipe = d2.load_pipeline(model="kakaobrain/karlo-v1-alpha")   # Hub id: downloaded + converted once, cached
-    pipe.components        # {"text_encoder": ..., "prior": ..., "text_proj": ..., "decoder": ..., ...}
+    out = pipe.generate("a corgi in a spacesuit", num_images=2, seed=0)
+    out.images[0].save("corgi.png"); out.image_embeddings          # (2, 768): what the decoder saw
+    pipe.vary("corgi.png"); pipe.interpolate("a.png", "b.png", frames=5); pipe.edit("corgi.png", source=...,
+        target=..., amount=0.4); pipe.rerank("a corgi", candidates=8)
 
-This module orchestrates only: the components are the backend's modules, the CLIP towers come through `CLIP`,
-and sampling lives in `sampling.py` (the generation verbs build on this class).
+This module orchestrates only: the modules are the backend's, the CLIP towers come through `CLIP`, the loops
+live in `sampling.py` and the embedding arithmetic (slerp, text diffs) in `unclip.py`.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
+from PIL import Image
 
 from . import store
 from .backends import Backend, get_backend
-from .clip import CLIP
+from .clip import CLIP, TextCondition, load_clip, normalize
 from .errors import Dalle2Error
+from .images import to_pil
+from .sampling import NoiseStream, Progress, Stage, no_progress, sample_decoder, sample_prior, sample_super_res
+from .schedule import UnCLIPSchedule
 from .spec import ModelSpec
+from .unclip import slerp, text_diff
 
 UNCLIP_COMPONENTS = ("prior", "text_proj", "decoder", "super_res_first", "super_res_last")
 REQUIRED = ("text_encoder", "text_proj", "decoder")  # the least an unCLIP model has (variations have no prior)
+STAGES = ("prior", "decoder", "super_res")
+# what a stage falls back to when neither the call nor the model's defaults set it
+FALLBACK = {"steps": {"prior": 25, "decoder": 25, "super_res": 7}, "guidance": {"prior": 4.0, "decoder": 8.0,
+                                                                                 "super_res": 1.0}}
+
+
+@dataclass
+class UnCLIPOutput:
+    """What a verb returns. images: PIL images (prompt-major: each prompt's or input image's num_images in a
+    row); image_embeddings (N, D): the CLIP image embeddings the decoder was conditioned on; decoder_samples
+    (N, 3, h, w) and samples (N, 3, H, W): the 64 px and final images as float32 in [-1, 1]; captions: the
+    caption each image's decoder saw ("" for image-driven verbs); settings: everything needed to reproduce the
+    call (verb, seed, steps, guidance, samplers, model, backend); scores: CLIP similarities (rerank only)."""
+
+    images: list[Image.Image]
+    image_embeddings: np.ndarray
+    decoder_samples: np.ndarray
+    samples: np.ndarray
+    captions: list[str]
+    settings: dict = field(default_factory=dict)
+    scores: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def metadata(self, i: int) -> dict[str, str]:
+        """PNG text metadata for image i: its caption, the call's settings, and its rerank score if any."""
+        meta = {"caption": self.captions[i], "index": str(i)}
+        meta.update({k: str(v) for k, v in self.settings.items() if v is not None})
+        if self.scores is not None:
+            meta["clip_score"] = f"{float(self.scores[i]):.6f}"
+        return meta
+
+    def reorder(self, order) -> UnCLIPOutput:
+        order = list(order)
+        return UnCLIPOutput([self.images[i] for i in order], self.image_embeddings[order],
+                            self.decoder_samples[order], self.samples[order], [self.captions[i] for i in order],
+                            dict(self.settings), None if self.scores is None else self.scores[order])
+
+
+def tqdm_progress(iterable, stage: str, total: int):
+    """A per-stage progress bar on stderr."""
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=stage, total=total, leave=False, unit="step")
 
 
 class Pipeline:
     """The components of an unCLIP model directory on one backend, validated before anything is allocated."""
 
-    def __init__(self, model_dir: str | os.PathLike, backend: Backend, spec: ModelSpec | None = None):
+    def __init__(self, model_dir: str | os.PathLike, backend: Backend, spec: ModelSpec | None = None,
+                 progress: Progress = no_progress):
         self.model_dir = Path(model_dir)
+        self.progress = progress
         self.spec = spec or store.read_spec(self.model_dir)
         self.backend = backend
         missing = [n for n in REQUIRED if n not in self.spec.components]
@@ -41,6 +99,8 @@ class Pipeline:
             comp = self.spec.components[name]
             path = store.component_path(self.model_dir, self.spec, name)
             self.modules[name] = backend.load_component(comp.type, comp.config, str(path))
+        self._schedules = {k: UnCLIPSchedule(c) for k, c in self.spec.schedulers.items()}
+        self._empty = None
 
     @property
     def components(self) -> dict:
@@ -59,14 +119,244 @@ class Pipeline:
         return f"Pipeline({str(self.model_dir)!r}, {self.backend!r}, components={list(self.components)})"
 
 
+    # -- the pieces the verbs share --------------------------------------------------------------------------
+    def _module(self, name: str, why: str):
+        if name not in self.modules:
+            raise Dalle2Error(f"model {str(self.model_dir)!r} has no {name}, which {why}; {_USE_INSTEAD[name]}")
+        return self.modules[name]
+
+    def _stages(self, names: tuple[str, ...], options: dict) -> dict[str, Stage]:
+        """The Stage of each named stage from the call's options ({stage}_steps, {stage}_guidance,
+        {stage}_sampler; None = the model's default)."""
+        allowed = {f"{s}_{k}" for s in names for k in ("steps", "guidance", "sampler")}
+        unknown = sorted(set(options) - allowed)
+        if unknown:
+            raise Dalle2Error(f"unknown option {unknown[0]!r} here; the options are {', '.join(sorted(allowed))}")
+        stages = {}
+        for s in names:
+            if s not in self._schedules:
+                raise Dalle2Error(f"model {str(self.model_dir)!r} has no {s} scheduler in model.json; "
+                                  "re-convert it with `dalle2 convert`")
+
+            def get(k: str):
+                given = options.get(f"{s}_{k}")
+                return given if given is not None else self.defaults.get(f"{s}_{k}", FALLBACK.get(k, {}).get(s))
+
+            steps = get("steps")
+            if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)):
+                raise Dalle2Error(f"{s}_steps must be an integer, got {steps!r}")
+            stages[s] = Stage(self._schedules[s], int(steps), float(get("guidance")), get("sampler") or "ancestral")
+        return stages
+
+    def _uncond(self, n: int) -> TextCondition:
+        """The empty caption's condition, n rows (classifier-free guidance's unconditional half)."""
+        if self._empty is None:
+            self._empty = self.clip.text_condition([""])
+        return self._empty.repeat(n)
+
+    def image_embeddings(self, images) -> np.ndarray:
+        """PIL images or paths -> CLIP image embeddings (B, D) with the model's image encoder. A float NumPy
+        array (D,) or (B, D) is taken as embeddings already (e.g. from the prior or another CLIP run)."""
+        dim = self.spec.components["text_proj"].config.clip_embeddings_dim
+        if isinstance(images, np.ndarray) and images.dtype.kind == "f":
+            emb = np.atleast_2d(images).astype(np.float32)
+            if emb.ndim != 2 or emb.shape[1] != dim:
+                raise Dalle2Error(f"image embeddings must have shape (batch, {dim}) for this model, got "
+                                  f"{images.shape}")
+            return emb
+        if "image_encoder" not in self.clip.modules:
+            raise Dalle2Error(f"model {str(self.model_dir)!r} has no CLIP image encoder, so it cannot embed "
+                              "images; use kakaobrain/karlo-v1-alpha-image-variations, or pass CLIP image "
+                              "embeddings as a NumPy array")
+        return self.clip.encode_image(list(images) if isinstance(images, (list, tuple)) else [images])
+
+    def _decode(self, verb: str, embeddings: np.ndarray, text: TextCondition, captions: list[str],
+                stages: dict[str, Stage], noise: NoiseStream, shared: bool, seed) -> UnCLIPOutput:
+        """Decoder (64 px) then super-res (256 px) from image embeddings; the output with its settings."""
+        dec = stages["decoder"]
+        decoder_cfg = self.spec.components["decoder"].config
+        size = self.defaults.get("decoder_sample_size") or decoder_cfg.sample_size
+        small = sample_decoder(self.backend, self.modules["text_proj"], self.modules["decoder"], dec, embeddings,
+                               text, self._uncond(len(text)) if dec.guided else None, decoder_cfg.in_channels,
+                               size, noise, shared, self.progress)
+        big = small
+        if "super_res_first" in self.modules:
+            sr_cfg = self.spec.components["super_res_first"].config
+            big_size = self.defaults.get("super_res_sample_size") or sr_cfg.sample_size
+            last = self.modules.get("super_res_last", self.modules["super_res_first"])
+            big = sample_super_res(self.backend, self.modules["super_res_first"], last, stages["super_res"],
+                                   small, big_size, noise, shared, self.progress)
+        settings = {"verb": verb, "seed": seed, "model": self.spec.source.repo or str(self.model_dir),
+                    "revision": self.spec.source.revision, "backend": self.backend.name,
+                    "device": self.backend.device, "dtype": self.backend.dtype}
+        for name, st in stages.items():
+            settings.update({f"{name}_steps": st.steps, f"{name}_guidance": st.guidance,
+                             f"{name}_sampler": st.sampler})
+        images = [to_pil(x) for x in big]
+        return UnCLIPOutput(images, embeddings, small, big, captions, settings)
+
+    def _prior(self, text: TextCondition, stage: Stage, noise: NoiseStream, shared: bool = False) -> np.ndarray:
+        prior = self._module("prior", "turns captions into image embeddings")
+        dim = self.spec.components["prior"].config.clip_embed_dim
+        uncond = self._uncond(len(text)) if stage.guided else None
+        return sample_prior(self.backend, prior, stage, text, uncond, dim, noise, shared, self.progress)
+
+    # -- the verbs -------------------------------------------------------------------------------------------
+    def generate(self, prompt: str | list[str], num_images: int = 1, seed: int | None = 0,
+                 generator: np.random.Generator | None = None, **options) -> UnCLIPOutput:
+        """Text to image through the whole cascade: prior -> decoder -> super-res.
+
+        prompt: one caption or a list; num_images per caption (the batch is caption-major). seed or generator
+        (a numpy Generator) feeds the one noise stream. options, each None = the model's default:
+        prior_steps, decoder_steps, super_res_steps (25 / 25 / 7 for Karlo), prior_guidance, decoder_guidance
+        (4.0 / 8.0), prior_sampler, decoder_sampler, super_res_sampler ("ancestral", the reference, or "ddim")."""
+        prompts = _prompts(prompt)
+        stages = self._stages(STAGES, options)
+        noise = NoiseStream(seed, generator)
+        text = self.clip.text_condition(prompts).repeat(_count(num_images, "num_images"))
+        embeddings = self._prior(text, stages["prior"], noise)
+        captions = [p for p in prompts for _ in range(num_images)]
+        return self._decode("generate", embeddings, text, captions, stages, noise, False, seed)
+
+    def vary(self, image, num_images: int = 1, seed: int | None = 0, generator: np.random.Generator | None = None,
+             **options) -> UnCLIPOutput:
+        """Variations of an image (or a list, or CLIP image embeddings as a NumPy array): its CLIP image
+        embedding decoded num_images times with the empty caption, as UnCLIPImageVariationPipeline does.
+        options: decoder_steps, super_res_steps, decoder_guidance, decoder_sampler, super_res_sampler."""
+        stages = self._stages(STAGES[1:], options)
+        embeddings = np.repeat(self.image_embeddings(image), _count(num_images, "num_images"), axis=0)
+        noise = NoiseStream(seed, generator)
+        return self._decode("vary", embeddings, self._uncond(len(embeddings)), [""] * len(embeddings), stages,
+                            noise, False, seed)
+
+    def interpolate(self, start, end, frames: int = 5, seed: int | None = 0,
+                    generator: np.random.Generator | None = None, kind: str = "image", **options) -> UnCLIPOutput:
+        """Frames along the slerp between two CLIP image embeddings, frame 0 = start and frame N-1 = end, all
+        frames sharing one noise draw per step so they change smoothly.
+
+        kind="image": start and end are images (PIL or paths) or embeddings (NumPy (D,)); the decoder sees the
+        empty caption. kind="text": start and end are captions; their image embeddings come from the prior
+        (one shared prior noise), and the decoder's caption condition moves with the frame (embeddings slerped,
+        token states interpolated linearly, the union of the two token masks)."""
+        frames = _count(frames, "frames")
+        if frames < 2:
+            raise Dalle2Error(f"frames must be at least 2 (the two ends), got {frames}")
+        weights = np.linspace(0.0, 1.0, frames)
+        if kind == "image":
+            stages = self._stages(STAGES[1:], options)
+            a, b = (self.image_embeddings(x) for x in (start, end))
+            if len(a) != 1 or len(b) != 1:
+                raise Dalle2Error("interpolate takes one start and one end image")
+            text, captions = self._uncond(frames), [""] * frames
+            noise = NoiseStream(seed, generator)
+        elif kind == "text":
+            stages = self._stages(STAGES, options)
+            ends = self.clip.text_condition(_prompts([start, end]))
+            noise = NoiseStream(seed, generator)
+            a, b = np.split(self._prior(ends, stages["prior"], noise, shared=True), 2)
+            text = _interpolate_text(ends, weights)
+            captions = [f"{start} -> {end} ({w:.3f})" for w in weights]
+        else:
+            raise Dalle2Error(f"unknown interpolation kind {kind!r}; choose image or text")
+        embeddings = slerp(a[0], b[0], weights)
+        out = self._decode("interpolate", embeddings, text, captions, stages, noise, True, seed)
+        out.settings["kind"] = kind
+        return out
+
+    def edit(self, image, source: str, target: str, amount: float = 0.5, num_images: int = 1,
+             seed: int | None = 0, generator: np.random.Generator | None = None, **options) -> UnCLIPOutput:
+        """DALL-E 2 text diffs: move the image's CLIP embedding toward `target` and away from `source` (a caption
+        of the image) by `amount` in [0, 1] (0 = a variation of the image; ~0.25-0.5 edits), then decode it
+        with the empty caption. Needs the text encoder and an image encoder of the same CLIP (or embeddings)."""
+        amount = float(amount)
+        if not 0.0 <= amount <= 1.0:
+            raise Dalle2Error(f"amount must be between 0 and 1, got {amount}")
+        stages = self._stages(STAGES[1:], options)
+        z = self.image_embeddings(image)
+        captions = self.clip.text_condition(_prompts([source, target])).embeds
+        embeddings = np.repeat(text_diff(z, captions[0], captions[1], amount), _count(num_images, "num_images"), 0)
+        noise = NoiseStream(seed, generator)
+        out = self._decode("edit", embeddings, self._uncond(len(embeddings)), [""] * len(embeddings), stages,
+                           noise, False, seed)
+        out.settings.update(source=source, target=target, amount=amount)
+        return out
+
+    def rerank(self, prompt: str | list[str], candidates: int = 4, keep: int | None = None,
+               clip: CLIP | str | None = None, seed: int | None = 0, generator: np.random.Generator | None = None,
+               **options) -> UnCLIPOutput:
+        """Generate `candidates` images per caption and order each caption's images by CLIP similarity to it,
+        best first, keeping the best `keep` (default all); `out.scores` holds the cosine similarities.
+
+        clip: the scoring CLIP (a `CLIP`, or a model id / directory loaded on this backend); default the
+        pipeline's own when it has both towers. Karlo has no image tower: pass clip="openai/clip-vit-large-patch14"
+        (DALL-E 2's reranking used a CLIP of the same family)."""
+        prompts = _prompts(prompt)
+        candidates = _count(candidates, "candidates")
+        keep = candidates if keep is None else _count(keep, "keep")
+        if keep > candidates:
+            raise Dalle2Error(f"keep ({keep}) cannot exceed candidates ({candidates})")
+        scorer = self._scorer(clip)
+        out = self.generate(prompts, num_images=candidates, seed=seed, generator=generator, **options)
+        scores = np.concatenate([scorer.similarity([p], out.images[i * candidates:(i + 1) * candidates])[0]
+                                 for i, p in enumerate(prompts)])
+        order = [i * candidates + j for i in range(len(prompts))
+                 for j in np.argsort(-scores[i * candidates:(i + 1) * candidates], kind="stable")[:keep]]
+        out.scores = scores.astype(np.float32)
+        out = out.reorder(order)
+        out.settings.update(verb="rerank", candidates=candidates)
+        return out
+
+    def _scorer(self, clip) -> CLIP:
+        if isinstance(clip, CLIP):
+            return clip
+        if clip is not None:
+            return load_clip(clip, backend=self.backend)
+        if "image_encoder" not in self.clip.modules:
+            raise Dalle2Error(f"model {str(self.model_dir)!r} has no CLIP image encoder to score images with; pass "
+                              "clip='openai/clip-vit-large-patch14' (or another CLIP model)")
+        return self.clip
+
+
+_USE_INSTEAD = {
+    "prior": "use an unCLIP text-to-image model (kakaobrain/karlo-v1-alpha), or `vary` an image",
+    "text_proj": "re-convert the model with `dalle2 convert`",
+    "decoder": "re-convert the model with `dalle2 convert`",
+}
+
+
+def _prompts(prompt) -> list[str]:
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt) if isinstance(prompt, (list, tuple)) else None
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise Dalle2Error(f"prompt must be a string or a non-empty list of strings, got {prompt!r}")
+    return prompts
+
+
+def _count(n, name: str) -> int:
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise Dalle2Error(f"{name} must be a positive integer, got {n!r}")
+    return int(n)
+
+
+def _interpolate_text(ends: TextCondition, weights: np.ndarray) -> TextCondition:
+    """Two captions' conditions (2 rows) -> one row per weight: embeddings slerped, token states interpolated
+    linearly, the union of the two masks (so both captions' tokens stay visible along the way)."""
+    w = weights[:, None, None].astype(np.float32)
+    states = ((1 - w) * ends.states[0] + w * ends.states[1]).astype(np.float32)
+    mask = np.repeat((ends.mask[0] | ends.mask[1])[None], len(weights), axis=0)
+    return TextCondition(slerp(ends.embeds[0], ends.embeds[1], weights), states, mask)
+
+
 def load_pipeline(model: str | os.PathLike = "default", backend: str | Backend = "auto", device: str | None = None,
-                  dtype: str = "float32", revision: str | None = None, variant: str | None = None) -> Pipeline:
+                  dtype: str = "float32", revision: str | None = None, variant: str | None = None,
+                  progress: bool = False) -> Pipeline:
     """An unCLIP pipeline from a model directory, a Hub repo id or a local diffusers folder (both converted once,
-    then reused from the cache). `variant` reads variant weight files of the source (e.g. "fp16")."""
+    then reused from the cache). `variant` reads variant weight files of the source (e.g. "fp16");
+    `progress` shows a progress bar per sampling stage."""
     from .convert import resolve_model
 
     if str(model) == "default":
         raise Dalle2Error("this version embeds no default model yet; pass a Hub repo id such as "
                           "kakaobrain/karlo-v1-alpha or a model directory")
     model_dir = resolve_model(model, revision=revision, variant=variant)
-    return Pipeline(model_dir, get_backend(backend, device=device, dtype=dtype))
+    return Pipeline(model_dir, get_backend(backend, device=device, dtype=dtype),
+                    progress=tqdm_progress if progress else no_progress)
