@@ -6,10 +6,17 @@ Every user error is a `Dalle2Error` and is printed as one line `error: ...` with
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import click
 
 from .errors import Dalle2Error
+
+BACKENDS = click.Choice(["auto", "torch", "mlx"])
+DTYPES = click.Choice(["float32", "float16", "bfloat16"])
+SAMPLERS = click.Choice(["ancestral", "ddim"])
+KARLO_STEPS = {"prior": 25, "decoder": 25, "super_res": 7}  # for --help only; the model's defaults apply
+KARLO_GUIDANCE = {"prior": 4.0, "decoder": 8.0}
 
 
 class _Group(click.Group):
@@ -78,6 +85,217 @@ def info(model, revision):
     for key, value in spec.defaults.items():
         click.echo(f"default    {key} = {value}")
 
+
+
+# -- the generation verbs -------------------------------------------------------------------------------------
+
+def _model_options(f):
+    """--model --revision --backend --device --dtype --seed --num-images --quiet -o --force."""
+    for decorator in reversed([
+        click.option("--model", "-m", default="default", show_default=True,
+                     help="A Hub repo id (converted once, cached), a model directory, or a local diffusers folder."),
+        click.option("--revision", default=None, help="Hub branch, tag or commit (default: main)."),
+        click.option("--backend", type=BACKENDS, default="auto", show_default=True,
+                     help="auto = MLX on Apple Silicon, else PyTorch."),
+        click.option("--device", default=None, help="e.g. cuda, cuda:1, cpu, mps, gpu (default: the best there)."),
+        click.option("--dtype", type=DTYPES, default="float32", show_default=True, help="Compute dtype."),
+        click.option("--seed", type=int, default=0, show_default=True,
+                     help="Seed of the one NumPy noise stream: the same image on every backend."),
+        click.option("--quiet", "-q", is_flag=True, help="No progress bars and no list of written files."),
+        click.option("--force", is_flag=True, help="Overwrite existing output files (otherwise they are an error, "
+                     "checked before any work starts)."),
+    ]):
+        f = decorator(f)
+    return f
+
+
+def _stage_options(stages):
+    """--{stage}-steps, --{stage}-guidance and --{stage}-sampler for the named stages (None = model default)."""
+    def wrap(f):
+        opts = []
+        for s in stages:
+            flag = s.replace("_", "-")
+            opts.append(click.option(f"--{flag}-steps", f"{s}_steps", type=click.IntRange(min=2), default=None,
+                                     help=f"{flag} steps (default: the model's; Karlo {KARLO_STEPS[s]})."))
+            if s in KARLO_GUIDANCE:
+                opts.append(click.option(f"--{flag}-guidance", f"{s}_guidance", type=float, default=None,
+                                         help=f"{flag} classifier-free guidance scale (default: the model's; "
+                                              f"Karlo {KARLO_GUIDANCE[s]:g}; 1 = off)."))
+            opts.append(click.option(f"--{flag}-sampler", f"{s}_sampler", type=SAMPLERS, default=None,
+                                     help=f"{flag} sampler: ancestral (the reference, default) or ddim "
+                                          "(deterministic, good in fewer steps)."))
+        for decorator in reversed(opts):
+            f = decorator(f)
+        return f
+    return wrap
+
+
+def _options(kwargs: dict) -> dict:
+    """The stage options the user set (the rest fall back to the model's defaults)."""
+    return {k: v for k, v in kwargs.items() if k.rsplit("_", 1)[-1] in ("steps", "guidance", "sampler")
+            and v is not None}
+
+
+def _outputs(output: str, n: int, force: bool, suffix: str = ".png") -> list[Path]:
+    """OUT.png for one image; OUT-0.png, OUT-1.png, ... for several. Checked before any work: an existing file
+    is an error unless --force, and so is a missing directory."""
+    path = Path(output)
+    if path.suffix.lower() != suffix:
+        raise Dalle2Error(f"output {output!r} must end in {suffix}")
+    paths = [path] if n == 1 else [path.with_name(f"{path.stem}-{i}{suffix}") for i in range(n)]
+    if not path.parent.is_dir():
+        raise Dalle2Error(f"the directory {str(path.parent)!r} does not exist; create it first")
+    if not force:
+        for p in paths:
+            if p.exists():
+                raise Dalle2Error(f"refusing to overwrite existing file {str(p)!r}; pass --force or choose "
+                                  "another -o name")
+    return paths
+
+
+def _pipeline(model, revision, backend, device, dtype, quiet):
+    from .pipeline import load_pipeline
+
+    return load_pipeline(model, backend=backend, device=device, dtype=dtype, revision=revision,
+                         progress=not quiet)
+
+
+def _save(out, paths, force: bool, quiet: bool, extra: dict | None = None) -> None:
+    from .images import save_png
+
+    for i, path in enumerate(paths):
+        save_png(out.images[i], path, {**out.metadata(i), **(extra or {})}, overwrite=force)
+        if not quiet:
+            score = "" if out.scores is None else f"  (CLIP score {out.scores[i]:.4f})"
+            click.echo(f"wrote {path}{score}")
+
+
+@main.command()
+@click.argument("prompt")
+@click.option("--output", "-o", default="generate.png", show_default=True,
+              help="PNG path; several images are written as NAME-0.png, NAME-1.png, ...")
+@click.option("--num-images", "-n", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--rerank", type=click.IntRange(min=1), default=None,
+              help="Generate this many candidates and keep the --num-images best by CLIP similarity.")
+@click.option("--clip", "clip_model", default=None, help="CLIP model scoring --rerank (default: the model's own "
+              "image tower; Karlo has none: use openai/clip-vit-large-patch14).")
+@_stage_options(("prior", "decoder", "super_res"))
+@_model_options
+def generate(prompt, output, num_images, rerank, clip_model, model, revision, backend, device, dtype, seed, quiet,
+             force, **stages):
+    """Generate images from PROMPT (prior -> decoder -> super-res). PNGs carry the prompt, seed, model,
+    revision, backend, steps and guidance as text metadata."""
+    paths = _outputs(output, num_images, force)
+    pipe = _pipeline(model, revision, backend, device, dtype, quiet)
+    if rerank is not None:
+        if rerank < num_images:
+            raise Dalle2Error(f"--rerank ({rerank}) must be at least --num-images ({num_images})")
+        out = pipe.rerank(prompt, candidates=rerank, keep=num_images, clip=clip_model, seed=seed, **_options(stages))
+    else:
+        out = pipe.generate(prompt, num_images=num_images, seed=seed, **_options(stages))
+    _save(out, paths, force, quiet)
+
+
+@main.command()
+@click.argument("image", type=click.Path(dir_okay=False))
+@click.option("--output", "-o", default="vary.png", show_default=True,
+              help="PNG path; several images are written as NAME-0.png, NAME-1.png, ...")
+@click.option("--num-images", "-n", type=click.IntRange(min=1), default=1, show_default=True)
+@_stage_options(("decoder", "super_res"))
+@_model_options
+def vary(image, output, num_images, model, revision, backend, device, dtype, seed, quiet, force, **stages):
+    """Variations of IMAGE: its CLIP image embedding decoded again (needs a model with an image encoder, such as
+    kakaobrain/karlo-v1-alpha-image-variations)."""
+    paths = _outputs(output, num_images, force)
+    out = _pipeline(model, revision, backend, device, dtype, quiet).vary(image, num_images=num_images, seed=seed,
+                                                                        **_options(stages))
+    _save(out, paths, force, quiet, {"source_image": str(image)})
+
+
+@main.command()
+@click.argument("start")
+@click.argument("end")
+@click.option("--frames", type=click.IntRange(min=2), default=5, show_default=True)
+@click.option("--text", is_flag=True, help="START and END are captions (through the prior), not images.")
+@click.option("--output", "-o", default="interpolate.png", show_default=True,
+              help="Frames are written as NAME-0.png ... NAME-(N-1).png, plus NAME.gif (unless --no-gif).")
+@click.option("--gif/--no-gif", default=True, show_default=True, help="Also write the frames as an animated GIF.")
+@click.option("--fps", type=click.IntRange(min=1), default=4, show_default=True, help="GIF frame rate.")
+@_stage_options(("prior", "decoder", "super_res"))
+@_model_options
+def interpolate(start, end, frames, text, output, gif, fps, model, revision, backend, device, dtype, seed, quiet,
+                force, **stages):
+    """Frames along the slerp between two images' CLIP embeddings (or two captions' with --text), sharing one
+    noise so they change smoothly."""
+    paths = _outputs(output, frames, force)
+    gif_path = _outputs(str(Path(output).with_suffix(".gif")), 1, force, ".gif")[0] if gif else None
+    options = _options(stages)
+    if not text and any(k.startswith("prior_") for k in options):
+        raise Dalle2Error("--prior-* options apply to --text interpolation only")
+    out = _pipeline(model, revision, backend, device, dtype, quiet).interpolate(
+        start, end, frames=frames, seed=seed, kind="text" if text else "image", **options)
+    _save(out, paths, force, quiet, {"start": start, "end": end})
+    if gif_path is not None:
+        from .images import save_gif
+
+        save_gif(out.images, gif_path, fps=fps, overwrite=force)
+        if not quiet:
+            click.echo(f"wrote {gif_path}")
+
+
+@main.command()
+@click.argument("image", type=click.Path(dir_okay=False))
+@click.option("--from", "source", required=True, help="A caption of IMAGE as it is.")
+@click.option("--to", "target", required=True, help="A caption of the image you want.")
+@click.option("--amount", type=click.FloatRange(0, 1), default=0.5, show_default=True,
+              help="How far to move toward --to (0 = a variation of IMAGE; 0.25-0.5 edits).")
+@click.option("--output", "-o", default="edit.png", show_default=True,
+              help="PNG path; several images are written as NAME-0.png, NAME-1.png, ...")
+@click.option("--num-images", "-n", type=click.IntRange(min=1), default=1, show_default=True)
+@_stage_options(("decoder", "super_res"))
+@_model_options
+def edit(image, source, target, amount, output, num_images, model, revision, backend, device, dtype, seed, quiet,
+         force, **stages):
+    """Edit IMAGE with a DALL-E 2 text diff: its CLIP embedding moved from --from toward --to by --amount."""
+    paths = _outputs(output, num_images, force)
+    out = _pipeline(model, revision, backend, device, dtype, quiet).edit(
+        image, source=source, target=target, amount=amount, num_images=num_images, seed=seed, **_options(stages))
+    _save(out, paths, force, quiet, {"source_image": str(image)})
+
+
+@main.command()
+@click.argument("prompt")
+@click.option("--model", "-m", default="default", show_default=True, help="Hub repo id or model directory.")
+@click.option("--revision", default=None, help="Hub branch, tag or commit.")
+@click.option("--backends", default="torch,mlx", show_default=True, help="The two backends to compare.")
+@click.option("--dtype", type=DTYPES, default="float32", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--num-images", "-n", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--tolerance", type=float, default=2.0, show_default=True,
+              help="Largest allowed image difference, in 8-bit levels; above it the exit status is 1.")
+@click.option("--output", "-o", default="compare.png", show_default=True,
+              help="Side-by-side PNG of the final images (first backend left).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+@click.option("--force", is_flag=True, help="Overwrite --output if it exists.")
+@_stage_options(("prior", "decoder", "super_res"))
+def compare(prompt, model, revision, backends, dtype, seed, num_images, tolerance, output, quiet, force, **stages):
+    """Run PROMPT on two backends with one seed; print each stage's difference (prior embedding, decoder 64,
+    super-res 256: max abs difference and PSNR); write the images side by side; exit 1 above --tolerance."""
+    from .compare import compare_backends
+    from .images import save_png
+
+    path = _outputs(output, 1, force)[0]
+    names = tuple(b.strip() for b in backends.split(","))
+    report = compare_backends(prompt, model, names, seed=seed, num_images=num_images, dtype=dtype,
+                              revision=revision, progress=not quiet, **_options(stages))
+    click.echo(report.table())
+    save_png(report.side_by_side(), path, {"prompt": prompt, "seed": str(seed), "backends": ",".join(names)},
+             overwrite=force)
+    ok = report.passed(tolerance)
+    click.echo(f"wrote {path}\n{'PASS' if ok else 'FAIL'}: worst image difference "
+               f"{report.worst_pixel():.3g}/255 (tolerance {tolerance:g}/255)")
+    if not ok:
+        sys.exit(1)
 
 if __name__ == "__main__":
     main()

@@ -312,28 +312,46 @@ def save_png(image: Image.Image, path: str | os.PathLike, metadata: dict[str, st
     """
     if not isinstance(image, Image.Image):
         raise TypeError(f"save_png: expected a PIL image, got {type(image).__name__} (use to_pil for arrays)")
-    path = Path(path)
     shown = str(path)
-    if path.is_dir():
-        raise Dalle2Error(f"cannot write {shown!r}: it is a directory; give a file name ending in .png")
-    if path.exists() and not overwrite:
-        raise _exists_error(shown)
-    directory = path.parent
-    if not directory.is_dir():
-        raise Dalle2Error(f"cannot write {shown!r}: the directory {str(directory)!r} does not exist; create it first")
-
     info = PngImagePlugin.PngInfo()
     for key, value in (metadata or {}).items():
         if not isinstance(key, str) or not 1 <= len(key) <= 79 or not _latin1(key):
             raise Dalle2Error(f"cannot write {shown!r}: PNG metadata key {key!r} must be 1 to 79 Latin-1 "
                               "characters")
         info.add_text(key, str(value))  # non-Latin-1 values become iTXt (UTF-8)
+    return _write_atomic(path, lambda f: image.save(f, format="PNG", pnginfo=info), overwrite, ".png")
+
+
+def save_gif(frames: Sequence[Image.Image], path: str | os.PathLike, fps: int = 4, overwrite: bool = False) -> Path:
+    """Write `frames` as an animated GIF (`fps` frames per second, looping), atomically and without replacing an
+    existing file unless `overwrite=True`, as `save_png` does."""
+    frames = list(frames)
+    if not frames or not all(isinstance(f, Image.Image) for f in frames):
+        raise TypeError("save_gif: expected a non-empty list of PIL images")
+    duration = max(1, round(1000 / fps))
+    return _write_atomic(path, lambda f: frames[0].save(f, format="GIF", save_all=True, append_images=frames[1:],
+                                                        duration=duration, loop=0), overwrite,
+                         ".gif")
+
+
+def _write_atomic(path: str | os.PathLike, write, overwrite: bool, suffix: str) -> Path:
+    """write(file) into a hidden temporary file beside `path`, fsync it, then move it into place (no clobbering
+    unless overwrite); nothing is left behind on error."""
+    path = Path(path)
+    shown = str(path)
+    if path.is_dir():
+        raise Dalle2Error(f"cannot write {shown!r}: it is a directory; give a file name ending in {suffix}")
+    if path.exists() and not overwrite:
+        raise _exists_error(shown)
+    directory = path.parent
+    if not directory.is_dir():
+        raise Dalle2Error(f"cannot write {shown!r}: the directory {str(directory)!r} does not exist; create it first")
 
     tmp = _create_temp(directory, path.name, shown)
     try:
         try:
             with os.fdopen(tmp[1], "wb") as f:
-                image.save(f, format="PNG", pnginfo=info)
+                write(f)
                 f.flush()
                 os.fsync(f.fileno())
             if overwrite:

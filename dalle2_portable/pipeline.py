@@ -57,8 +57,9 @@ class UnCLIPOutput:
         return len(self.images)
 
     def metadata(self, i: int) -> dict[str, str]:
-        """PNG text metadata for image i: its caption, the call's settings, and its rerank score if any."""
-        meta = {"caption": self.captions[i], "index": str(i)}
+        """PNG text metadata for image i: the caption its decoder saw ("prompt"), the call's settings (seed,
+        model, revision, backend, steps, guidance, samplers), and its rerank score if any."""
+        meta = {"prompt": self.captions[i], "index": str(i)}
         meta.update({k: str(v) for k, v in self.settings.items() if v is not None})
         if self.scores is not None:
             meta["clip_score"] = f"{float(self.scores[i]):.6f}"

@@ -34,6 +34,24 @@ def _isolated_caches(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
+@pytest.fixture(scope="session")
+def models(tmp_path_factory):
+    """Tiny Karlo, tiny Karlo-variations (diffusers folders and our conversions) and a tiny CLIP (~4 s)."""
+    from builders import write_clip_vocab, write_tiny_clip, write_tiny_karlo
+
+    import dalle2_portable as d2
+
+    root = tmp_path_factory.mktemp("cascade")
+    vocab = write_clip_vocab(root / "vocab")
+    out = {"karlo_src": write_tiny_karlo(root / "karlo", vocab),
+           "iv_src": write_tiny_karlo(root / "iv", vocab, variations=True),
+           "clip": write_tiny_clip(root / "clip", vocab)}
+    for name in ("karlo", "iv"):
+        out[name] = root / f"{name}_converted"
+        d2.convert(str(out[f"{name}_src"]), str(out[name]))
+    return out
+
+
 def assert_close_to_scale(actual, expected, rel: float, what: str = ""):
     """max |actual - expected| <= rel * max |expected| (the brief's "of the output's scale")."""
     actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from builders import write_clip_vocab, write_tiny_clip, write_tiny_karlo
 from conftest import BACKENDS, backend_params
 from diffusers import UnCLIPImageVariationPipeline, UnCLIPPipeline
 from diffusers.pipelines.unclip import pipeline_unclip, pipeline_unclip_image_variation
@@ -29,25 +28,11 @@ PROMPTS = ["a red cube on a table", "two blue balls"]
 PIXEL = 1 / 255
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    """Tiny Karlo, tiny Karlo-variations (diffusers folders and our conversions) and a tiny CLIP (~4 s)."""
-    root = tmp_path_factory.mktemp("cascade")
-    vocab = write_clip_vocab(root / "vocab")
-    out = {"karlo_src": write_tiny_karlo(root / "karlo", vocab),
-           "iv_src": write_tiny_karlo(root / "iv", vocab, variations=True),
-           "clip": write_tiny_clip(root / "clip", vocab)}
-    for name in ("karlo", "iv"):
-        out[name] = root / f"{name}_converted"
-        d2.convert(str(out[f"{name}_src"]), str(out[name]))
-    return out
-
-
 _PIPES: dict = {}
 
 
 def pipe(models, name: str, backend: str) -> Pipeline:
-    """One loaded pipeline per (model, backend) for the whole module."""
+    """One loaded pipeline per (model, backend) for the whole module (`models` is conftest's)."""
     key = (str(models[name]), backend)
     if key not in _PIPES:
         _PIPES[key] = Pipeline(models[name], get_backend(backend))
