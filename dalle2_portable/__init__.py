@@ -2,6 +2,7 @@
 
     import dalle2_portable as d2
     pipe = d2.load_pipeline("kakaobrain/karlo-v1-alpha", backend="auto")  # converted once, then cached
+    out = pipe.generate("a corgi in a spacesuit", num_images=2, seed=0)  # out.images, out.image_embeddings
     clip = d2.load_clip("openai/clip-vit-base-patch32", backend="auto")
     d2.convert("kakaobrain/karlo-v1-alpha", "karlo")
 
@@ -10,9 +11,11 @@ Neither MLX nor PyTorch is imported here: a backend is imported when it is first
 
 from .backends import get_backend, installed as installed_backends
 from .clip import CLIP, load_clip
+from .compare import compare_backends
 from .convert import convert
 from .errors import Dalle2Error
-from .pipeline import Pipeline, load_pipeline
+from .pipeline import Pipeline, UnCLIPOutput, load_pipeline
 
 __version__ = "0.1.0"
-__all__ = ["load_pipeline", "Pipeline", "load_clip", "CLIP", "convert", "get_backend", "installed_backends", "Dalle2Error", "__version__"]
+__all__ = ["load_pipeline", "Pipeline", "UnCLIPOutput", "compare_backends", "load_clip", "CLIP", "convert",
+           "get_backend", "installed_backends", "Dalle2Error", "__version__"]

@@ -179,7 +179,8 @@ KARLO = dict(
 
 
 def write_tiny_karlo(d: Path, vocab_dir: Path, variations: bool = False, safetensors: bool = True,
-                     variant: str | None = None, seed: int = 0, sizes: dict | None = None) -> Path:
+                     variant: str | None = None, seed: int = 0, sizes: dict | None = None,
+                     weight_noise: float = 0.05) -> Path:
     """A tiny random kakaobrain/karlo-v1-alpha (or -image-variations) saved by diffusers' own
     `UnCLIPPipeline.save_pretrained` (model_index.json, one subfolder per component), with the tokenizer files
     in the Hub's form. safetensors=False writes the `.bin` pickles the Hub also holds (the text encoder's with
@@ -189,7 +190,9 @@ def write_tiny_karlo(d: Path, vocab_dir: Path, variations: bool = False, safeten
     Conditioning (the sampling tests rely on it): Karlo's own scale_shift time conditioning, every weight
     perturbed by N(0, 0.05), 8 px decoder and 16 px super-res. A 1e-5 change of the initial latents then moves
     the final image by ~2e-5 (tests/test_sampling.py measures it): the cascade is not chaotic, so parity
-    tolerances there measure the implementation, not amplified rounding."""
+    tolerances there measure the implementation, not amplified rounding. Wider models need less noise
+    (`weight_noise`): at benchmarks/generate_speed.py's small size (64-256 channels, 64 / 256 px), 0.05 makes
+    the super-res stage chaotic (a 3e-3 difference in its input flips pixels), 0.005 does not."""
     import torch
     from diffusers import (PriorTransformer, UnCLIPImageVariationPipeline, UnCLIPPipeline, UnCLIPScheduler,
                            UNet2DConditionModel, UNet2DModel)
@@ -213,7 +216,7 @@ def write_tiny_karlo(d: Path, vocab_dir: Path, variations: bool = False, safeten
     for name in ("decoder", "text_proj", "super_res_first", "super_res_last"):  # no zero-initialised weights
         with torch.no_grad():
             for p in parts[name].parameters():
-                p.add_(0.05 * torch.randn_like(p))
+                p.add_(weight_noise * torch.randn_like(p))
     if variations:
         parts.update(feature_extractor=CLIPImageProcessor(size={"shortest_edge": 32},
                                                           crop_size={"height": 32, "width": 32}),
@@ -224,7 +227,7 @@ def write_tiny_karlo(d: Path, vocab_dir: Path, variations: bool = False, safeten
         prior = PriorTransformer(**sizes["prior"])
         with torch.no_grad():
             for p in prior.parameters():
-                p.add_(0.05 * torch.randn_like(p))
+                p.add_(weight_noise * torch.randn_like(p))
             prior.clip_std.add_(1.0)  # CLIP-scale embeddings out of post_process_latents, as Karlo's statistics give
         pipe = UnCLIPPipeline(prior=prior, prior_scheduler=UnCLIPScheduler(
             variance_type="fixed_small_log", prediction_type="sample", clip_sample_range=5.0), **parts)
