@@ -8,9 +8,9 @@ weights, same steps, in the same run.
 scale_shift, learned variance, 64 px decoder and 256 px super-res; ~1/10 of the widths); --size karlo is the real
 3.4-billion-parameter cascade (for a GPU). Weights are random (diffusers' init plus N(0, 0.005), small enough
 that the random cascade is not chaotic, so the pixel column means something), written by diffusers'
-`save_pretrained` and converted once into --workdir. Each row runs in its own process (one backend per process, as the README's
-backend timings are taken): it loads the model, runs one short warm-up generation, then times `--repeat` full
-generations and reports the best, with the process's peak RSS. The ratio column is row time / diffusers time.
+`save_pretrained` and converted once into --workdir. Each row runs in its own process (one backend per process,
+as the README's backend timings are taken): it loads the model, runs one short warm-up generation, then times
+`--repeat` full generations and reports the best, with the process's peak RSS. The ratio column is row time / diffusers time.
 The last column is the largest pixel difference of each row's image against diffusers' (same noise stream).
 On random weights it measures conditioning as much as arithmetic: at the small size the super-res stage fed
 diffusers' own 64 px images matches to 0.08/255, but end to end a 5e-4 difference of the 64 px images (from a
@@ -33,9 +33,11 @@ SMALL = dict(
     prior=dict(num_attention_heads=4, attention_head_dim=32, num_layers=4, embedding_dim=128, num_embeddings=77),
     text_proj=dict(clip_embeddings_dim=128, time_embed_dim=256, cross_attention_dim=256),
     decoder=dict(in_channels=3, out_channels=6, block_out_channels=(64, 128, 192, 256), layers_per_block=2,
-                 norm_num_groups=32, down_block_types=("ResnetDownsampleBlock2D",) + ("SimpleCrossAttnDownBlock2D",) * 3,
+                 norm_num_groups=32,
+                 down_block_types=("ResnetDownsampleBlock2D",) + ("SimpleCrossAttnDownBlock2D",) * 3,
                  mid_block_type="UNetMidBlock2DSimpleCrossAttn",
-                 up_block_types=("SimpleCrossAttnUpBlock2D",) * 3 + ("ResnetUpsampleBlock2D",), attention_head_dim=32,
+                 up_block_types=("SimpleCrossAttnUpBlock2D",) * 3 + ("ResnetUpsampleBlock2D",),
+                 attention_head_dim=32,
                  cross_attention_dim=256, class_embed_type="identity", resnet_time_scale_shift="scale_shift",
                  sample_size=64),
     super_res=dict(in_channels=6, out_channels=3, block_out_channels=(32, 64, 96, 128), layers_per_block=2,

@@ -21,7 +21,7 @@ from PIL import Image
 
 from . import store
 from .backends import Backend, get_backend
-from .clip import CLIP, TextCondition, load_clip, normalize
+from .clip import CLIP, TextCondition, load_clip
 from .errors import Dalle2Error
 from .images import to_pil
 from .sampling import NoiseStream, Progress, Stage, no_progress, sample_decoder, sample_prior, sample_super_res
@@ -119,13 +119,7 @@ class Pipeline:
     def __repr__(self) -> str:
         return f"Pipeline({str(self.model_dir)!r}, {self.backend!r}, components={list(self.components)})"
 
-
     # -- the pieces the verbs share --------------------------------------------------------------------------
-    def _module(self, name: str, why: str):
-        if name not in self.modules:
-            raise Dalle2Error(f"model {str(self.model_dir)!r} has no {name}, which {why}; {_USE_INSTEAD[name]}")
-        return self.modules[name]
-
     def _stages(self, names: tuple[str, ...], options: dict) -> dict[str, Stage]:
         """The Stage of each named stage from the call's options ({stage}_steps, {stage}_guidance,
         {stage}_sampler; None = the model's default)."""
@@ -197,7 +191,10 @@ class Pipeline:
         return UnCLIPOutput(images, embeddings, small, big, captions, settings)
 
     def _prior(self, text: TextCondition, stage: Stage, noise: NoiseStream, shared: bool = False) -> np.ndarray:
-        prior = self._module("prior", "turns captions into image embeddings")
+        if "prior" not in self.modules:
+            raise Dalle2Error(f"model {str(self.model_dir)!r} has no prior to turn captions into image embeddings; "
+                              "use an unCLIP text-to-image model (kakaobrain/karlo-v1-alpha), or `vary` an image")
+        prior = self.modules["prior"]
         dim = self.spec.components["prior"].config.clip_embed_dim
         uncond = self._uncond(len(text)) if stage.guided else None
         return sample_prior(self.backend, prior, stage, text, uncond, dim, noise, shared, self.progress)
@@ -316,13 +313,6 @@ class Pipeline:
             raise Dalle2Error(f"model {str(self.model_dir)!r} has no CLIP image encoder to score images with; pass "
                               "clip='openai/clip-vit-large-patch14' (or another CLIP model)")
         return self.clip
-
-
-_USE_INSTEAD = {
-    "prior": "use an unCLIP text-to-image model (kakaobrain/karlo-v1-alpha), or `vary` an image",
-    "text_proj": "re-convert the model with `dalle2 convert`",
-    "decoder": "re-convert the model with `dalle2 convert`",
-}
 
 
 def _prompts(prompt) -> list[str]:

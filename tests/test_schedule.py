@@ -50,7 +50,8 @@ def test_karlo_timesteps_and_bad_step_counts():
 def test_steps_equal_diffusers(stage, n, monkeypatch):
     """Every step of a chain, each on the same input in both (diffusers' previous sample): x_prev agrees to
     1e-6; x0 to 1e-6 / sqrt(alpha_bar_t), the factor by which the epsilon formula x0 = (x - sqrt(1 - abar) eps)
-    / sqrt(abar) magnifies the last-bit rounding of its numerator (seen: 1.2e-6 at t=874, where it is ~6). Model outputs are fixed random arrays per step (6 channels for the decoder: epsilon + predicted
+    / sqrt(abar) magnifies the last-bit rounding of its numerator (seen: 1.2e-6 at t=874, where it is ~6).
+    Model outputs are fixed random arrays per step (6 channels for the decoder: epsilon + predicted
     variance in [-1, 1]); diffusers' noise draws are replaced by ours. The chains run on their own outputs end
     within 2e-6 after 25 steps (float32 rounding of the running sample, 1-2 ulp)."""
     cfg = SchedulerConfig(**KARLO[stage])

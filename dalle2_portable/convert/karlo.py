@@ -13,8 +13,8 @@ from pathlib import Path
 
 from .. import store
 from ..errors import Dalle2Error
-from ..spec import (COMPONENT_NAMES, Component, ImageProcessorConfig, ModelSpec, PriorConfig, SchedulerConfig, Source, TextProjConfig,
-                    UNet2DConditionConfig, UNet2DConfig)
+from ..spec import (COMPONENT_NAMES, Component, ImageProcessorConfig, ModelSpec, PriorConfig, SchedulerConfig,
+                    Source, TextProjConfig, UNet2DConditionConfig, UNet2DConfig)
 from ..tokenizers import tokenizer_config_from_hf, write_tokenizer_files
 from .clip import read_json, write_clip_components
 from .weights import Checkpoint, write_component
