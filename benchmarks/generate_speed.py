@@ -10,7 +10,8 @@ scale_shift, learned variance, 64 px decoder and 256 px super-res; ~1/10 of the 
 that the random cascade is not chaotic, so the pixel column means something), written by diffusers'
 `save_pretrained` and converted once into --workdir. Each row runs in its own process (one backend per process,
 as the README's backend timings are taken): it loads the model, runs one short warm-up generation, then times
-`--repeat` full generations and reports the best, with the process's peak RSS. The ratio column is row time / diffusers time.
+`--repeat` full generations and reports the best, with the process's peak RSS. The ratio column is row time /
+diffusers time.
 The last column is the largest pixel difference of each row's image against diffusers' (same noise stream).
 On random weights it measures conditioning as much as arithmetic: at the small size the super-res stage fed
 diffusers' own 64 px images matches to 0.08/255, but end to end a 5e-4 difference of the 64 px images (from a
