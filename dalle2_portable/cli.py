@@ -123,7 +123,7 @@ def _stage_options(stages):
                                               f"Karlo {KARLO_GUIDANCE[s]:g}; 1 = off)."))
             opts.append(click.option(f"--{flag}-sampler", f"{s}_sampler", type=SAMPLERS, default=None,
                                      help=f"{flag} sampler: ancestral (the reference, default) or ddim "
-                                          "(deterministic, good in fewer steps)."))
+                                          "(deterministic DDIM, the usual choice for fewer steps)."))
         for decorator in reversed(opts):
             f = decorator(f)
         return f

@@ -18,7 +18,7 @@ F32 = np.float32
 
 # The samplers a stage can use. "ancestral" is the reference: UnCLIPScheduler's DDPM step with its own variance,
 # one noise draw per step but the last. "ddim" is deterministic DDIM (eta = 0, diffusers' DDIMScheduler step):
-# no noise after the initial latents, and good images in fewer steps.
+# no noise after the initial latents; the usual choice when running fewer steps.
 SAMPLERS = ("ancestral", "ddim")
 
 
