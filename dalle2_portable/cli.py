@@ -137,19 +137,16 @@ def _options(kwargs: dict) -> dict:
 
 
 def _outputs(output: str, n: int, force: bool, suffix: str = ".png") -> list[Path]:
-    """OUT.png for one image; OUT-0.png, OUT-1.png, ... for several. Checked before any work: an existing file
-    is an error unless --force, and so is a missing directory."""
+    """OUT.png for one image; OUT-0.png, OUT-1.png, ... for several. Checked before any work (the checks every
+    write makes again): an existing file is an error unless --force, and so is a missing directory."""
+    from .images import check_output
+
     path = Path(output)
     if path.suffix.lower() != suffix:
         raise Dalle2Error(f"output {output!r} must end in {suffix}")
     paths = [path] if n == 1 else [path.with_name(f"{path.stem}-{i}{suffix}") for i in range(n)]
-    if not path.parent.is_dir():
-        raise Dalle2Error(f"the directory {str(path.parent)!r} does not exist; create it first")
-    if not force:
-        for p in paths:
-            if p.exists():
-                raise Dalle2Error(f"refusing to overwrite existing file {str(p)!r}; pass --force or choose "
-                                  "another -o name")
+    for p in paths:
+        check_output(p, force, suffix)
     return paths
 
 

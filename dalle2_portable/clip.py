@@ -54,9 +54,6 @@ class TextCondition:
         """Each row n times in a row (`repeat_interleave`: prompt-major batches, as diffusers orders them)."""
         return TextCondition(*(np.repeat(a, n, axis=0) for a in (self.embeds, self.states, self.mask)))
 
-    def take(self, index) -> TextCondition:
-        return TextCondition(self.embeds[index], self.states[index], self.mask[index])
-
     @staticmethod
     def cat(*parts: TextCondition) -> TextCondition:
         return TextCondition(*(np.concatenate(a, axis=0) for a in zip(*((p.embeds, p.states, p.mask)

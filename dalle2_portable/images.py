@@ -334,19 +334,26 @@ def save_gif(frames: Sequence[Image.Image], path: str | os.PathLike, fps: int = 
                          ".gif")
 
 
-def _write_atomic(path: str | os.PathLike, write, overwrite: bool, suffix: str) -> Path:
-    """write(file) into a hidden temporary file beside `path`, fsync it, then move it into place (no clobbering
-    unless overwrite); nothing is left behind on error."""
+def check_output(path: str | os.PathLike, overwrite: bool = False, suffix: str = ".png") -> Path:
+    """The checks every write makes first, callable before long work starts: `path` is not a directory, its
+    directory exists, and it does not exist yet unless `overwrite`. One-line `Dalle2Error`s; returns the Path."""
     path = Path(path)
     shown = str(path)
     if path.is_dir():
         raise Dalle2Error(f"cannot write {shown!r}: it is a directory; give a file name ending in {suffix}")
     if path.exists() and not overwrite:
         raise _exists_error(shown)
-    directory = path.parent
-    if not directory.is_dir():
-        raise Dalle2Error(f"cannot write {shown!r}: the directory {str(directory)!r} does not exist; create it first")
+    if not path.parent.is_dir():
+        raise Dalle2Error(f"cannot write {shown!r}: the directory {str(path.parent)!r} does not exist; "
+                          "create it first")
+    return path
 
+
+def _write_atomic(path: str | os.PathLike, write, overwrite: bool, suffix: str) -> Path:
+    """write(file) into a hidden temporary file beside `path`, fsync it, then move it into place (no clobbering
+    unless overwrite); nothing is left behind on error."""
+    path = check_output(path, overwrite, suffix)
+    shown, directory = str(path), path.parent
     tmp = _create_temp(directory, path.name, shown)
     try:
         try:

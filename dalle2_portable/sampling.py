@@ -19,7 +19,7 @@ import numpy as np
 
 from .clip import TextCondition
 from .errors import Dalle2Error
-from .schedule import SAMPLERS, UnCLIPSchedule
+from .schedule import UnCLIPSchedule, check_sampler
 from .unclip import decoder_attention_mask, prior_attention_mask, upscale_bicubic
 
 F32 = np.float32
@@ -64,8 +64,7 @@ class Stage:
     sampler: str = "ancestral"
 
     def __post_init__(self):
-        if self.sampler not in SAMPLERS:
-            raise Dalle2Error(f"unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        check_sampler(self.sampler)  # before any work, not at the first step
 
     @property
     def guided(self) -> bool:

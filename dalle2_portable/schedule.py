@@ -22,6 +22,12 @@ F32 = np.float32
 SAMPLERS = ("ancestral", "ddim")
 
 
+def check_sampler(name: str) -> str:
+    if name not in SAMPLERS:
+        raise Dalle2Error(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
+    return name
+
+
 def squaredcos_cap_v2_betas(num_train_timesteps: int, max_beta: float = 0.999) -> np.ndarray:
     """diffusers' `betas_for_alpha_bar` (cosine): beta_i = min(1 - abar((i+1)/T) / abar(i/T), max_beta) with
     abar(t) = cos((t + 0.008) / 1.008 * pi / 2)^2, computed in Python floats, stored as float32."""
@@ -87,11 +93,9 @@ class UnCLIPSchedule:
     def sample_step(self, sampler: str, model_output: np.ndarray, t: int, sample: np.ndarray, prev: int | None,
                     noise: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """One step of the named sampler: `step` (ancestral) or `ddim_step`."""
-        if sampler == "ancestral":
+        if check_sampler(sampler) == "ancestral":
             return self.step(model_output, t, sample, prev, noise)
-        if sampler == "ddim":
-            return self.ddim_step(model_output, t, sample, prev)
-        raise Dalle2Error(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        return self.ddim_step(model_output, t, sample, prev)
 
     def _split_variance(self, model_output: np.ndarray, sample: np.ndarray):
         """(prediction, predicted variance or None): a learned_range model's extra channels split off."""

@@ -192,7 +192,8 @@ def test_models_are_well_conditioned(models):
 
 
 def _skip(stream, n):
-    """Advance a stream past the prior's n draws (shapes do not matter to the order, only the count)."""
+    """Advance a stream past the prior's n draws: (2, 16) each here (2 prompts, 16-wide embeddings), so the
+    generator ends where generate's prior left it."""
     for _ in range(n):
         stream.draw((2, 16))
     return stream
