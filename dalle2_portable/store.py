@@ -48,6 +48,16 @@ class TensorInfo:
         return self.numel * _DTYPE_SIZES.get(self.dtype, 4)
 
 
+def read_json(path: str | os.PathLike, fix: str):
+    """A JSON file's content; a missing or unreadable file is one line naming it, then `fix` (what to do)."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise Dalle2Error(f"{str(path)!r} is missing; {fix}") from None
+    except (OSError, ValueError) as e:  # ValueError: bad JSON, bad UTF-8
+        raise Dalle2Error(f"cannot read {str(path)!r} ({e}); {fix}") from None
+
+
 def read_spec(model_dir: str | os.PathLike) -> ModelSpec:
     """Parse `model.json`; every problem is one line naming the path and the fix."""
     model_dir = Path(model_dir)
@@ -58,10 +68,7 @@ def read_spec(model_dir: str | os.PathLike) -> ModelSpec:
     if not path.is_file():
         raise Dalle2Error(f"{str(model_dir)!r} is not a dalle2_portable model directory (no {MODEL_JSON}); "
                           "convert a checkpoint into it with `dalle2 convert SOURCE OUT`")
-    try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise Dalle2Error(f"cannot read {str(path)!r}: {e}; re-convert the model with `dalle2 convert`") from None
+    d = read_json(path, "re-convert the model with `dalle2 convert`")
     if not isinstance(d, dict):
         raise Dalle2Error(f"{str(path)!r} is not a JSON object; re-convert the model with `dalle2 convert`")
     return ModelSpec.from_dict(d)
@@ -187,8 +194,6 @@ def write_spec(directory: str | os.PathLike, spec: ModelSpec) -> None:
     (Path(directory) / MODEL_JSON).write_text(text, encoding="utf-8")
 
 
-_NP_TAGS = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16", np.dtype(np.float64): "F64",
-            np.dtype(np.int64): "I64", np.dtype(np.int32): "I32"}
 OUT_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 
 
@@ -198,8 +203,7 @@ def _encode(x: np.ndarray, tag: str) -> bytes:
         u = np.ascontiguousarray(x, dtype="<f4").view("<u4").astype(np.uint64)
         u = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
         return u.astype("<u2").tobytes()
-    dt = {"F32": "<f4", "F16": "<f2", "F64": "<f8", "I64": "<i8", "I32": "<i4"}[tag]
-    return np.ascontiguousarray(x, dtype=dt).tobytes()
+    return np.ascontiguousarray(x, dtype={"F32": "<f4", "F16": "<f2"}[tag]).tobytes()
 
 
 def write_tensors(path: str | os.PathLike, entries: list[tuple[str, tuple[int, ...]]], get_tensor,
@@ -210,13 +214,13 @@ def write_tensors(path: str | os.PathLike, entries: list[tuple[str, tuple[int, .
     written first and each tensor's bytes follow as `get_tensor(name)` returns it: peak memory is the largest
     single tensor, not the model. (The safetensors library only writes from a complete dict, hence this writer;
     the format is 8 bytes of header length, the JSON header padded to 8 bytes, then the raw data.)
-    Floating tensors are stored as `dtype`; integer tensors keep their type.
+    Every tensor is stored as `dtype`, whatever its type: the converters pass floating-point parameters only
+    (integer buffers such as CLIP's position_ids are dropped before).
     """
     out_tag = OUT_DTYPES[dtype]
     header: dict[str, object] = {"__metadata__": dict(metadata or {})} if metadata else {}
-    tags, offset = {}, 0
+    offset = 0
     for name, shape in entries:
-        tags[name] = out_tag  # every tensor we convert is floating point (int buffers are dropped upstream)
         nbytes = int(np.prod(shape, dtype=np.int64)) * _DTYPE_SIZES[out_tag]
         header[name] = {"dtype": out_tag, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
@@ -229,4 +233,4 @@ def write_tensors(path: str | os.PathLike, entries: list[tuple[str, tuple[int, .
             x = np.asarray(get_tensor(name))
             if tuple(x.shape) != tuple(shape):
                 raise Dalle2Error(f"tensor {name!r} read with shape {list(x.shape)}, its header said {list(shape)}")
-            f.write(_encode(x, tags[name]))
+            f.write(_encode(x, out_tag))

@@ -17,13 +17,15 @@ tokenizer.json alone (what transformers 5 `save_pretrained` writes), or tokenize
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import sentencepiece as spm
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
+from tokenizers.models import BPE
 
+from . import store
 from .errors import Dalle2Error
 from .spec import TokenizerConfig
 
@@ -31,21 +33,11 @@ BOS = "<|startoftext|>"  # id 49406 in the real CLIP vocab
 EOS = "<|endoftext|>"  # id 49407; also CLIP's unk token and the openai repos' pad token
 # The split regex of transformers 5's CLIPTokenizer (the converter's, plus the two special tokens first).
 CLIP_SPLIT = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
-MERGES_HEADER = "#version: 0.2"  # first line of the Hub's merges.txt; tokenizers and transformers skip it
-DEFAULT_MAX_LENGTH = 77
-# transformers writes model_max_length = int(1e30) ("no limit") when a folder had no tokenizer_config.json.
-_MAX_SANE_LENGTH = 1_000_000
 SP_NAMES = ("tokenizer.model", "spiece.model")  # spiece.model: T5-style repos
 
 
 def _read_json(path: Path) -> Any:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise Dalle2Error(f"{path}: file not found; re-download or re-convert the tokenizer folder") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise Dalle2Error(f"{path}: unreadable JSON ({e}); re-download or re-convert the tokenizer folder") from None
+    return store.read_json(path, "re-download or re-convert the tokenizer folder")
 
 
 def _read_merges(path: Path) -> list[tuple[str, str]]:
@@ -67,15 +59,15 @@ def _read_merges(path: Path) -> list[tuple[str, str]]:
     return merges
 
 
-def _has_vocab_merges(d: Path) -> bool:
+def has_vocab_merges(d: Path) -> bool:
     return (d / "vocab.json").is_file() and (d / "merges.txt").is_file()
 
 
-def _sp_file(d: Path) -> Path | None:
+def sp_model_file(d: Path) -> Path | None:
     return next((d / n for n in SP_NAMES if (d / n).is_file()), None)
 
 
-def _vocab_merges_from_tokenizer_json(path: Path) -> tuple[dict[str, int], list[tuple[str, str]]]:
+def vocab_merges_from_tokenizer_json(path: Path) -> tuple[dict[str, int], list[tuple[str, str]]]:
     """tokenizer.json -> (vocab, merges). model.merges is ["a b", ...] (tokenizers < 0.20) or [["a", "b"], ...];
     added tokens missing from model.vocab (a re-export may keep the specials only there) are folded in."""
     tj = _read_json(path)
@@ -90,13 +82,13 @@ def _vocab_merges_from_tokenizer_json(path: Path) -> tuple[dict[str, int], list[
 
 
 def _clip_vocab_merges(d: Path) -> tuple[dict[str, int], list[tuple[str, str]]]:
-    if _has_vocab_merges(d):
+    if has_vocab_merges(d):
         vocab = _read_json(d / "vocab.json")
         if not isinstance(vocab, dict):
             raise Dalle2Error(f"{d / 'vocab.json'}: not a token -> id object; re-download the tokenizer folder")
         return vocab, _read_merges(d / "merges.txt")
     if (d / "tokenizer.json").is_file():
-        return _vocab_merges_from_tokenizer_json(d / "tokenizer.json")
+        return vocab_merges_from_tokenizer_json(d / "tokenizer.json")
     raise Dalle2Error(f"{d}: no vocab.json + merges.txt (or tokenizer.json) for the CLIP tokenizer; "
                       "re-convert the model or point at the Hub repo's tokenizer/ folder")
 
@@ -136,9 +128,6 @@ class CLIPBPETokenizer(_Tokenizer):
 
     def __init__(self, vocab: dict[str, int], merges: list[tuple[str, str]], max_length: int, pad_token: str,
                  where: str = "tokenizer"):
-        from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
-        from tokenizers.models import BPE
-
         for name, tok in (("BOS", BOS), ("EOS", EOS), ("pad", pad_token)):
             if tok not in vocab:
                 fix = ("set the tokenizer's pad_token in model.json to one that is (e.g. '<|endoftext|>')"
@@ -175,8 +164,6 @@ class SentencePieceTokenizer(_Tokenizer):
     model) else sp.pad_id() (else 0)."""
 
     def __init__(self, path: Path, max_length: int, pad_token: str):
-        import sentencepiece as spm
-
         try:
             self._sp = sp = spm.SentencePieceProcessor(model_file=str(path))
         except (OSError, RuntimeError) as e:
@@ -204,78 +191,8 @@ def load_tokenizer(directory: str | Path, config: TokenizerConfig) -> _Tokenizer
     if config.kind == "clip_bpe":
         vocab, merges = _clip_vocab_merges(d)
         return CLIPBPETokenizer(vocab, merges, config.max_length, config.pad_token, where=str(d))
-    path = _sp_file(d)
+    path = sp_model_file(d)
     if path is None:
         raise Dalle2Error(f"{d / 'tokenizer.model'}: file not found; re-convert the model or copy the "
                           "SentencePiece model there")
     return SentencePieceTokenizer(path, config.max_length, config.pad_token)
-
-
-def _content(tok: Any) -> str | None:
-    """A special token as the Hub writes it: a string, or an AddedToken dict {"content": ..., "__type": ...}."""
-    if isinstance(tok, dict):
-        return tok.get("content")
-    return tok if isinstance(tok, str) else None
-
-
-def tokenizer_config_from_hf(directory: str | Path) -> TokenizerConfig:
-    """A Hub tokenizer folder -> TokenizerConfig. kind from the files present; pad_token from special_tokens_map.json
-    / tokenizer_config.json (string or AddedToken dict); max_length from model_max_length (1e30 sentinel -> 77)."""
-    d = Path(directory)
-    if _has_vocab_merges(d):
-        kind = "clip_bpe"
-    elif _sp_file(d) is not None:
-        kind = "sentencepiece"
-    elif (d / "tokenizer.json").is_file():
-        kind = "clip_bpe"
-    else:
-        raise Dalle2Error(f"{d}: no tokenizer files (vocab.json + merges.txt, tokenizer.json or tokenizer.model); "
-                          "point at the repo's tokenizer/ folder")
-    tc = _read_json(d / "tokenizer_config.json") if (d / "tokenizer_config.json").is_file() else {}
-    stm = _read_json(d / "special_tokens_map.json") if (d / "special_tokens_map.json").is_file() else {}
-    if not isinstance(tc, dict) or not isinstance(stm, dict):
-        raise Dalle2Error(f"{d}: tokenizer_config.json / special_tokens_map.json is not a JSON object; "
-                          "re-download the tokenizer folder")
-    # transformers (legacy path, no added_tokens_decoder in the config) lets special_tokens_map.json win.
-    pad = _content(tc.get("pad_token"))
-    if "added_tokens_decoder" not in tc:
-        pad = _content(stm.get("pad_token")) or pad
-    if pad is None:
-        pad = EOS if kind == "clip_bpe" else "<pad>"
-    n = tc.get("model_max_length")
-    max_length = int(n) if isinstance(n, (int, float)) and 2 <= n <= _MAX_SANE_LENGTH else DEFAULT_MAX_LENGTH
-    return TokenizerConfig(kind=kind, max_length=max_length, pad_token=pad)
-
-
-def write_tokenizer_files(src_dir: str | Path, dst_dir: str | Path, config: TokenizerConfig) -> list[Path]:
-    """Write the canonical tokenizer folder of a model directory: clip_bpe -> vocab.json + merges.txt (copied, or
-    extracted from tokenizer.json); sentencepiece -> tokenizer.model. Returns the files written."""
-    src, dst = Path(src_dir), Path(dst_dir)
-    dst.mkdir(parents=True, exist_ok=True)
-    if config.kind == "sentencepiece":
-        path = _sp_file(src)
-        if path is None:
-            raise Dalle2Error(f"{src / 'tokenizer.model'}: file not found; download the repo's SentencePiece "
-                              "tokenizer.model into that folder")
-        shutil.copyfile(path, dst / "tokenizer.model")
-        return [dst / "tokenizer.model"]
-    out = [dst / "vocab.json", dst / "merges.txt"]
-    if _has_vocab_merges(src):
-        for p in out:
-            if (src / p.name).resolve() != p.resolve():
-                shutil.copyfile(src / p.name, p)
-        return out
-    if not (src / "tokenizer.json").is_file():
-        raise Dalle2Error(f"{src / 'vocab.json'}: file not found (nor merges.txt, nor tokenizer.json); download "
-                          "the repo's tokenizer/ folder (vocab.json + merges.txt) and convert again")
-    vocab, merges = _vocab_merges_from_tokenizer_json(src / "tokenizer.json")
-    for a, b in merges:
-        if " " in a or " " in b or "\n" in a + b:
-            raise Dalle2Error(f"{src / 'tokenizer.json'}: merge {a!r} {b!r} cannot be written to merges.txt; "
-                              "use a byte-level BPE tokenizer")
-    # Same form as transformers' slow save_vocabulary: sorted, indented, UTF-8 (not \u escapes).
-    (dst / "vocab.json").write_text(json.dumps(vocab, indent=2, sort_keys=True, ensure_ascii=False) + "\n",
-                                    encoding="utf-8")
-    (dst / "merges.txt").write_text(MERGES_HEADER + "\n" + "".join(f"{a} {b}\n" for a, b in merges),
-                                    encoding="utf-8")
-    return out

@@ -1,4 +1,5 @@
-"""dalle2_portable.tokenizers against transformers' CLIPTokenizer and sentencepiece, on vocabularies built here.
+"""dalle2_portable.tokenizers (loading) and the converters' tokenizer files (convert/files.py) against
+transformers' CLIPTokenizer and sentencepiece, on vocabularies built here.
 
 The real CLIP vocab cannot be downloaded in CI, so `clip_vocab` trains a small byte-level BPE in CLIP's format
 (256 byte symbols, the same 256 + "</w>", merge results in rank order, then <|startoftext|>, <|endoftext|>) and the
@@ -16,10 +17,10 @@ import pytest
 import sentencepiece as spm
 
 from builders import SYLLABLES, added_token as _added, hub_tokenizer_files, write_clip_vocab
+from dalle2_portable.convert.files import tokenizer_config_from_hf, write_tokenizer_files
 from dalle2_portable.errors import Dalle2Error
 from dalle2_portable.spec import TokenizerConfig
-from dalle2_portable.tokenizers import (load_tokenizer, tokenizer_config_from_hf,
-                                        write_tokenizer_files)
+from dalle2_portable.tokenizers import load_tokenizer
 
 transformers = pytest.importorskip("transformers")
 CLIPTokenizer = transformers.CLIPTokenizer
@@ -201,9 +202,9 @@ def test_errors_are_one_line(tmp_path, clip_vocab):
     shutil.copytree(clip_vocab, bad)
     _one_line_error(load_tokenizer, bad, TokenizerConfig(pad_token="<pad>"), match="pad token")
     (bad / "tokenizer_config.json").write_text("{not json\n")
-    _one_line_error(tokenizer_config_from_hf, bad, match="tokenizer_config.json.*unreadable JSON")
+    _one_line_error(tokenizer_config_from_hf, bad, match="cannot read .*tokenizer_config.json.*download it again")
     (bad / "vocab.json").write_text("{\n")
-    _one_line_error(load_tokenizer, bad, TokenizerConfig(), match="vocab.json.*unreadable JSON")
+    _one_line_error(load_tokenizer, bad, TokenizerConfig(), match="cannot read .*vocab.json.*re-download or re-convert")
     (bad / "vocab.json").unlink()
     (bad / "tokenizer.json").write_text("[]")
     _one_line_error(load_tokenizer, bad, TokenizerConfig(), match="not a BPE tokenizer.json")

@@ -3,12 +3,18 @@
 `convert(source, out_dir)` writes one model directory atomically. `resolve_model(model)` is what the loaders
 call: a model directory is used as it is; a Hub id or a reference folder is converted once into the cache
 (DALLE2_CACHE, default ~/.cache/dalle2_portable), keyed by repo and resolved commit, and reused after that.
+
+Both go through the same two steps: `probe` resolves the source once (a Hub revision to its commit, downloading
+only the index files) and learns its layout and weight files; `_convert_into` takes that `Probe`, downloads the
+weights at the same commit and writes the directory. The layout modules (`clip.py`, `karlo.py`) share their
+reading helpers through `files.py` and `weights.py`, never each other.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from .. import store
@@ -16,34 +22,19 @@ from ..errors import Dalle2Error
 from ..spec import ModelSpec, Source
 from . import clip as clip_layout
 from . import karlo as karlo_layout
-from .hub import Snapshot, snapshot
+from .files import read_json
+from .hub import Snapshot, download, snapshot
 
-# layout name -> its converter module (CONFIG_PATTERNS, weight_folders, and the converting function)
+# layout name -> its converter module (LAYOUT, CONFIG_PATTERNS, weight_folders, and the converting function)
 _LAYOUTS = {clip_layout.LAYOUT: clip_layout, karlo_layout.LAYOUT: karlo_layout}
 LAYOUTS = tuple(_LAYOUTS)
 DTYPES = tuple(store.OUT_DTYPES)
-_PROBE = ["config.json", "model_index.json", "model.json"]
+MODEL_DIR = "dalle2_portable"  # the layout of a model directory: used as it is, never converted
+_PROBE = ["config.json", "model_index.json", store.MODEL_JSON]
 
 
 def cache_dir() -> Path:
     return Path(os.environ.get("DALLE2_CACHE") or Path.home() / ".cache" / "dalle2_portable")
-
-
-def detect_layout(folder: Path) -> str:
-    if (folder / store.MODEL_JSON).is_file():
-        return "dalle2_portable"
-    if (folder / "model_index.json").is_file():
-        karlo_layout.pipeline_class(folder)  # a diffusers pipeline we do not convert is a one-line error here
-        return karlo_layout.LAYOUT
-    config = folder / "config.json"
-    if config.is_file():
-        model_type = clip_layout.read_json(config).get("model_type", "")
-        if model_type.startswith("clip"):
-            return clip_layout.LAYOUT
-        raise Dalle2Error(f"{str(config)!r}: model_type {model_type!r} is not supported; supported layouts: "
-                          f"{', '.join(LAYOUTS)}")
-    raise Dalle2Error(f"{str(folder)!r} holds no config.json or model_index.json; give a Hub repo id or a "
-                      "folder saved with transformers/diffusers `save_pretrained`")
 
 
 def _weight_patterns(folders: dict[str, tuple[str, str]], kind: str, variant: str | None) -> list[str]:
@@ -61,39 +52,52 @@ def _has_safetensors(folder: Path, stem: str, variant: str | None) -> bool:
     return (folder / name).is_file() or (folder / f"{name}.index.json").is_file()
 
 
-def probe(source: str | os.PathLike, revision: str | None = None) -> tuple[Snapshot, str]:
-    """The source's index files (a Hub revision resolved to its commit) and its layout name."""
+@dataclass(frozen=True)
+class Probe:
+    """What one look at a source learned, passed on to every later step: its index files on disk (a Hub
+    revision resolved to the commit that every later download is pinned to), its layout, and {subfolder:
+    (safetensors stem, .bin stem)} of the components with weights (none for a model directory)."""
+    snap: Snapshot
+    layout: str
+    weights: dict[str, tuple[str, str]]
+
+
+def probe(source: str | os.PathLike, revision: str | None = None) -> Probe:
+    """Resolve `source` (a Hub id at `revision`, or a local folder) once and read its index files: the layout,
+    and the weight files it needs."""
     snap = snapshot(source, revision, allow_patterns=_PROBE)
-    return snap, detect_layout(snap.path)
+    folder = snap.path
+    if (folder / store.MODEL_JSON).is_file():
+        return Probe(snap, MODEL_DIR, {})
+    if (folder / "model_index.json").is_file():
+        return Probe(snap, karlo_layout.LAYOUT, karlo_layout.weight_folders(folder))
+    config = folder / "config.json"
+    if not config.is_file():
+        raise Dalle2Error(f"{str(folder)!r} holds no config.json or model_index.json; give a Hub repo id or a "
+                          "folder saved with transformers/diffusers `save_pretrained`")
+    found = read_json(config)
+    model_type = str(found.get("model_type", "")) if isinstance(found, dict) else ""
+    if not model_type.startswith("clip"):
+        raise Dalle2Error(f"{str(config)!r}: model_type {model_type!r} is not supported; supported layouts: "
+                          f"{', '.join(LAYOUTS)}")
+    return Probe(snap, clip_layout.LAYOUT, clip_layout.weight_folders(folder))
 
 
-def fetch(source: str | os.PathLike, revision: str | None = None, variant: str | None = None,
-          probed: tuple[Snapshot, str] | None = None) -> tuple[Snapshot, str]:
-    """The source's files on disk and its layout name. From the Hub only what the layout needs is downloaded:
-    configs, then each component's safetensors, and its `.bin` only where it has no safetensors."""
-    first, layout = probed or probe(source, revision)
-    if first.is_local or layout == "dalle2_portable":
-        return first, layout
-    module = _LAYOUTS[layout]
-    pin = first.revision  # the commit the probe resolved: every later download comes from the same one
-    folders = module.weight_folders(first.path)
-    patterns = module.CONFIG_PATTERNS + _weight_patterns(folders, "safetensors", variant)
-    snap = snapshot(source, pin, allow_patterns=patterns)
-    missing = {k: v for k, v in folders.items() if not _has_safetensors(snap.path / k, v[0], variant)}
-    if missing:
-        snap = snapshot(source, pin, allow_patterns=patterns + _weight_patterns(missing, "bin", variant))
-    return snap, layout
-
-
-def _write(snap: Snapshot, layout: str, out_dir: Path, dtype: str, overwrite: bool,
-           variant: str | None = None) -> ModelSpec:
-    if dtype not in DTYPES:
-        raise Dalle2Error(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-    if layout == "dalle2_portable":
-        raise Dalle2Error(f"{str(snap.path)!r} is already a dalle2_portable model directory; load it directly")
-    source = Source(repo=snap.repo, revision=snap.revision, layout=layout)
+def _convert_into(probed: Probe, out_dir: Path, dtype: str, overwrite: bool, variant: str | None) -> ModelSpec:
+    """Convert the probed source into `out_dir`, which appears complete or not at all. A local folder is read
+    as it is; from the Hub, at the probed commit, only what the layout needs is downloaded: configs, then each
+    component's safetensors, and its `.bin` only where it has no safetensors."""
+    snap = probed.snap
+    if not snap.is_local:
+        patterns = (_LAYOUTS[probed.layout].CONFIG_PATTERNS
+                    + _weight_patterns(probed.weights, "safetensors", variant))
+        snap = download(snap.repo, snap.revision, patterns)
+        missing = {k: v for k, v in probed.weights.items() if not _has_safetensors(snap.path / k, v[0], variant)}
+        if missing:
+            snap = download(snap.repo, snap.revision, patterns + _weight_patterns(missing, "bin", variant))
+    source = Source(repo=snap.repo, revision=snap.revision, layout=probed.layout)
     with store.atomic_directory(out_dir, overwrite=overwrite) as tmp:
-        if layout == karlo_layout.LAYOUT:
+        if probed.layout == karlo_layout.LAYOUT:
             return karlo_layout.convert_karlo(snap.path, tmp, source, dtype, variant)
         return clip_layout.convert_clip(snap.path, tmp, source, dtype, variant)
 
@@ -106,14 +110,20 @@ def convert(source: str | os.PathLike, out_dir: str | os.PathLike, revision: str
     is what is written. The directory appears complete or not at all. An existing `out_dir` is an error unless
     `overwrite`.
     """
-    if Path(out_dir).exists() and not overwrite:  # fail before downloading anything
+    # Fail before downloading anything.
+    if Path(out_dir).exists() and not overwrite:
         raise Dalle2Error(f"output {str(out_dir)!r} already exists; choose another path or pass --overwrite")
-    snap, layout = fetch(source, revision, variant)
-    return _write(snap, layout, Path(out_dir), dtype, overwrite, variant)
+    if dtype not in DTYPES:
+        raise Dalle2Error(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    probed = probe(source, revision)
+    if probed.layout == MODEL_DIR:
+        raise Dalle2Error(f"{str(probed.snap.path)!r} is already a dalle2_portable model directory; load it "
+                          "directly")
+    return _convert_into(probed, Path(out_dir), dtype, overwrite, variant)
 
 
 def _fingerprint(folder: Path) -> str:
-    """Changes when any top-level file of a local reference folder changes (name, size, mtime)."""
+    """Changes when any file of a local reference folder, in any subfolder, changes (path, size, mtime)."""
     h = hashlib.sha1(str(folder.absolute()).encode())
     for p in sorted(folder.rglob("*")):
         if p.is_file():
@@ -130,19 +140,17 @@ def resolve_model(model: str | os.PathLike, revision: str | None = None, variant
     if (path / store.MODEL_JSON).is_file():
         return path
     probed = probe(model, revision)
-    snap, layout = probed
-    if layout == "dalle2_portable":
+    snap = probed.snap
+    if probed.layout == MODEL_DIR:
         return snap.path
     suffix = f"-{variant}" if variant else ""
     if snap.is_local:
         target = cache_dir() / "local" / f"{snap.path.name}-{_fingerprint(snap.path)}{suffix}"
     else:
         target = cache_dir() / "hub" / snap.repo.replace("/", "--") / f"{snap.revision}{suffix}"
-    if (target / store.MODEL_JSON).is_file():
-        return target  # converted before: the source's weights are not even downloaded
-    snap, layout = fetch(model, revision, variant, probed)
-    _write(snap, layout, target, "float32", overwrite=True, variant=variant)
+    if not (target / store.MODEL_JSON).is_file():  # else converted before: the source's weights are not fetched
+        _convert_into(probed, target, "float32", overwrite=True, variant=variant)
     return target
 
 
-__all__ = ["convert", "resolve_model", "probe", "fetch", "cache_dir", "LAYOUTS"]
+__all__ = ["convert", "resolve_model", "probe", "Probe", "cache_dir", "LAYOUTS"]

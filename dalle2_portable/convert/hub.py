@@ -11,6 +11,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from huggingface_hub import constants
+
 from ..errors import Dalle2Error
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -29,8 +31,6 @@ def hub_cache_dir() -> str:
         return os.environ["HF_HUB_CACHE"]
     if os.environ.get("HF_HOME"):
         return os.path.join(os.environ["HF_HOME"], "hub")
-    from huggingface_hub import constants
-
     return constants.HF_HUB_CACHE
 
 
@@ -47,7 +47,7 @@ def looks_like_repo_id(source: str) -> bool:
 def snapshot(source: str | os.PathLike, revision: str | None = None,
              allow_patterns: list[str] | None = None) -> Snapshot:
     """Resolve `source` to a local folder: an existing directory as it is, else a Hub repo id downloaded (only
-    `allow_patterns`) into the Hub cache, or found there when offline."""
+    `allow_patterns`) into the Hub cache, or found there when offline; its revision is resolved to a commit."""
     path = Path(source).expanduser()
     if path.is_dir():
         return Snapshot(path.absolute(), str(path.absolute()), None, True)
@@ -56,13 +56,21 @@ def snapshot(source: str | os.PathLike, revision: str | None = None,
     if not looks_like_repo_id(str(source)):
         raise Dalle2Error(f"{str(source)!r} is neither an existing folder nor a Hub repo id like 'org/name'; "
                           "check the path")
+    return download(str(source), revision, allow_patterns)
+
+
+def download(repo: str, revision: str | None, allow_patterns: list[str] | None) -> Snapshot:
+    """The files `allow_patterns` of Hub repo `repo` at `revision` (a later call passes the commit an earlier
+    one resolved, so that all files come from the same commit)."""
+    # Imported here, not at the top: huggingface_hub's download machinery (httpx) takes ~0.3 s to import, and
+    # loading a model directory, or converting a local folder, never needs it.
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (GatedRepoError, HFValidationError, LocalEntryNotFoundError,
                                         RepositoryNotFoundError, RevisionNotFoundError)
 
-    at = f"{source}@{revision}" if revision else str(source)
+    at = f"{repo}@{revision}" if revision else repo
     try:
-        folder = snapshot_download(str(source), revision=revision, allow_patterns=allow_patterns,
+        folder = snapshot_download(repo, revision=revision, allow_patterns=allow_patterns,
                                    cache_dir=hub_cache_dir(), local_files_only=hub_offline())
     except GatedRepoError:
         raise Dalle2Error(f"{at} is gated on the Hub; accept its licence on the website and log in with "
@@ -73,7 +81,7 @@ def snapshot(source: str | os.PathLike, revision: str | None = None,
     except RevisionNotFoundError:
         raise Dalle2Error(f"{at}: revision not found on the Hub; check --revision") from None
     except HFValidationError as e:
-        raise Dalle2Error(f"{str(source)!r} is not a valid Hub repo id ({e})") from None
+        raise Dalle2Error(f"{repo!r} is not a valid Hub repo id ({e})") from None
     except LocalEntryNotFoundError:
         how = "HF_HUB_OFFLINE is set" if hub_offline() else "the Hub cannot be reached"
         raise Dalle2Error(f"{at} is not in the local Hub cache ({hub_cache_dir()}) and {how}; download it once "
@@ -82,4 +90,4 @@ def snapshot(source: str | os.PathLike, revision: str | None = None,
         raise Dalle2Error(f"cannot download {at}: {e}; check the network or set HF_HUB_OFFLINE=1 to use the "
                           "cache") from None
     folder = Path(folder)
-    return Snapshot(folder, str(source), folder.name, False)  # snapshots/<commit hash>
+    return Snapshot(folder, repo, folder.name, False)  # snapshots/<commit hash>

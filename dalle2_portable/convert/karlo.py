@@ -15,8 +15,7 @@ from .. import store
 from ..errors import Dalle2Error
 from ..spec import (COMPONENT_NAMES, Component, ImageProcessorConfig, ModelSpec, PriorConfig, SchedulerConfig,
                     Source, TextProjConfig, UNet2DConditionConfig, UNet2DConfig)
-from ..tokenizers import tokenizer_config_from_hf, write_tokenizer_files
-from .clip import read_json, write_clip_components
+from .files import read_json, tokenizer_config_from_hf, write_clip_components, write_tokenizer_files
 from .weights import Checkpoint, write_component
 
 LAYOUT = "diffusers-unclip"
@@ -57,18 +56,20 @@ CONFIG_PATTERNS = ["model_index.json", "*/config.json", "*/scheduler_config.json
                    "tokenizer/*.json", "tokenizer/merges.txt"]
 
 
-def pipeline_class(folder: Path) -> str:
-    """The pipeline `_class_name` of a diffusers folder, which must be one we convert."""
-    name = read_json(folder / "model_index.json").get("_class_name")
+def read_index(folder: Path) -> tuple[str, dict]:
+    """A diffusers folder's model_index.json: (its pipeline `_class_name`, which must be one we convert; the
+    index)."""
+    index = read_json(folder / "model_index.json")
+    name = index.get("_class_name") if isinstance(index, dict) else None
     if name not in PIPELINES:
         raise Dalle2Error(f"{str(folder / 'model_index.json')!r}: pipeline {name!r} is not supported; supported: "
                           f"{', '.join(PIPELINES)}")
-    return name
+    return name, index
 
 
 def weight_folders(folder: Path) -> dict[str, tuple[str, str]]:
     """{subfolder: (safetensors stem, .bin stem)} of the components with weights (what to download)."""
-    needed = PIPELINES[pipeline_class(folder)]
+    needed = PIPELINES[read_index(folder)[0]]
     out = {n: (DIFFUSERS_STEM, DIFFUSERS_STEM) for n in DIFFUSERS_MODELS if n in needed}
     out.update({n: ("model", "pytorch_model") for n in TRANSFORMERS_MODELS if n in needed})
     return out
@@ -76,8 +77,7 @@ def weight_folders(folder: Path) -> dict[str, tuple[str, str]]:
 
 def _check_index(src: Path) -> tuple[str, tuple[str, ...]]:
     """The pipeline class and its entries, each listed with an expected class and present as a subfolder."""
-    index = read_json(src / "model_index.json")
-    name = pipeline_class(src)
+    name, index = read_index(src)
     needed = PIPELINES[name]
     for entry in needed:
         listed = index.get(entry)

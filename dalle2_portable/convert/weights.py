@@ -10,8 +10,10 @@ import json
 from pathlib import Path
 
 import numpy as np
+from safetensors import SafetensorError, safe_open
 
 from .. import store
+from ..backends import get_backend, installed
 from ..errors import Dalle2Error
 
 
@@ -100,8 +102,6 @@ class Checkpoint:
         and every page a read touches stays resident until it is closed, so handles are closed once they have
         served REOPEN_BYTES: the process then holds at most that much of the source file (the page cache keeps
         the rest, reclaimable), not the whole 4 GB of Karlo's prior."""
-        from safetensors import safe_open
-
         key = (path, framework)
         if key not in self._handles or self._served > REOPEN_BYTES:
             self._handles.clear()  # dropping a handle unmaps its file (arrays already read are copies)
@@ -122,8 +122,6 @@ class Checkpoint:
         if path in self._bins:
             t = self._bins[path][name]
             return t.float().numpy() if t.dtype == _torch().bfloat16 else t.numpy()
-        from safetensors import SafetensorError
-
         try:
             if self._infos[name].dtype == "BF16":
                 return self._handle(path, "pt", self._infos[name].nbytes).get_tensor(name).float().numpy()
@@ -136,8 +134,6 @@ def expected_shapes(config) -> dict[str, tuple[int, ...]]:
     """The canonical names and shapes a component config needs, from the module tree of an installed backend
     (built without allocating: torch's meta device, MLX's lazy init). Converters check a source against it so
     that a mismatched checkpoint fails before anything is written."""
-    from ..backends import get_backend, installed
-
     have = installed()
     if not have:
         raise Dalle2Error("converting needs a backend to check shapes against; run "
