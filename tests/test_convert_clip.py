@@ -1,4 +1,5 @@
-"""convert/clip.py + convert/hub.py: transformers CLIP layouts -> model directories, then load_clip end to end.
+"""convert/clip.py, files.py, hub.py: transformers CLIP layouts -> model directories, then load_clip end to end
+against transformers' own outputs on the same folders.
 
 Checkpoints are tiny random models saved by transformers into a local folder and into a local Hub cache; all
 loads are offline (HF_HUB_OFFLINE=1, set in conftest).
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -16,7 +18,9 @@ from builders import put_in_hub_cache, write_clip_vocab, write_tiny_clip
 from click.testing import CliRunner
 from conftest import assert_close_to_scale, backend_params
 from PIL import Image
-from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
+from safetensors.numpy import load_file
+from transformers import (CLIPImageProcessor, CLIPModel, CLIPTextModelWithProjection, CLIPTokenizer,
+                          CLIPVisionModelWithProjection)
 
 import dalle2_portable as d2
 from dalle2_portable.cli import main
@@ -40,19 +44,38 @@ def _images():
     return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in ((40, 64), (32, 32))]
 
 
-def _reference(clip_dir):
-    """transformers' own pipeline of tokenizer + processor + CLIPModel on the same folder."""
-    model = CLIPModel.from_pretrained(clip_dir).eval()
-    tok = CLIPTokenizer.from_pretrained(clip_dir)
-    proc = CLIPImageProcessor.from_pretrained(clip_dir)
-    ids = tok(PROMPTS, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
-    pixels = proc(images=_images(), return_tensors="pt").pixel_values
+def _one_line(fn, match):
+    with pytest.raises(d2.Dalle2Error, match=match) as e:
+        fn()
+    assert "\n" not in str(e.value)
+    return str(e.value)
+
+
+# the transformers class each `write_tiny_clip` kind is saved from
+REFERENCE = {"clip": CLIPModel, "text": CLIPTextModelWithProjection, "vision": CLIPVisionModelWithProjection}
+
+
+def _reference(src, kind: str = "clip") -> dict[str, np.ndarray]:
+    """transformers on the source folder: its own tokenizer's ids for PROMPTS and its own image processor's pixel
+    values for _images(), through the class the folder was saved from. {"text": text_embeds, "image":
+    image_embeds} for the towers the folder has (unnormalised projections, as `encode_text` returns them), and
+    for CLIPModel "cosine": logits_per_text / exp(logit_scale)."""
+    inputs = {}
+    if kind != "vision":
+        inputs["input_ids"] = CLIPTokenizer.from_pretrained(src)(
+            PROMPTS, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    if kind != "text":
+        inputs["pixel_values"] = CLIPImageProcessor.from_pretrained(src)(
+            images=_images(), return_tensors="pt").pixel_values
+    model = REFERENCE[kind].from_pretrained(src).eval()
     with torch.no_grad():
-        return model.get_text_features(input_ids=ids), model.get_image_features(pixel_values=pixels)
-
-
-def _as_array(x):
-    return (x.pooler_output if hasattr(x, "pooler_output") else x).numpy()
+        out = model(**inputs)
+        if kind != "clip":
+            return {k: getattr(out, f"{k}_embeds").numpy() for k in ("text", "image") if hasattr(out, f"{k}_embeds")}
+        # CLIPModel's text_embeds / image_embeds are normalised; the projections themselves:
+        return {"text": model.get_text_features(input_ids=inputs["input_ids"]).pooler_output.numpy(),
+                "image": model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output.numpy(),
+                "cosine": (out.logits_per_text / model.logit_scale.exp()).numpy()}
 
 
 @pytest.mark.parametrize("backend", backend_params())
@@ -60,11 +83,10 @@ def test_load_clip_end_to_end_matches_transformers(clip_dir, backend, tmp_path):
     out = tmp_path / "model"
     d2.convert(clip_dir, out)
     clip = d2.load_clip(out, backend=backend)
-    text_ref, image_ref = _reference(clip_dir)
-    assert_close_to_scale(clip.encode_text(PROMPTS), _as_array(text_ref), 1e-5, "text")
-    assert_close_to_scale(clip.encode_image(_images()), _as_array(image_ref), 1e-5, "image")
-    sims = clip.similarity(PROMPTS[:2], _images())
-    assert sims.shape == (2, 2) and np.all(np.abs(sims) <= 1 + 1e-6)
+    ref = _reference(clip_dir)
+    assert_close_to_scale(clip.encode_text(PROMPTS), ref["text"], 1e-5, "text")
+    assert_close_to_scale(clip.encode_image(_images()), ref["image"], 1e-5, "image")
+    assert_close_to_scale(clip.similarity(PROMPTS, _images()), ref["cosine"], 1e-5, "cosine similarity")
 
 
 def test_model_directory_contents(clip_dir, tmp_path):
@@ -75,7 +97,8 @@ def test_model_directory_contents(clip_dir, tmp_path):
     assert sorted(p.name for p in (out / "tokenizer").iterdir()) == ["merges.txt", "vocab.json"]
     assert spec.source.layout == "transformers-clip" and spec.source.revision is None
     assert read_spec(out) == spec  # model.json round-trips
-    assert "clip_logit_scale" in spec.defaults
+    logit_scale = load_file(clip_dir / "model.safetensors")["logit_scale"]
+    assert spec.defaults["clip_logit_scale"] == float(logit_scale.reshape(()))
     text = read_header(out / "text_encoder.safetensors")
     assert all(k.startswith(("text_model.", "text_projection.")) for k in text)
     assert "text_model.embeddings.position_ids" not in text
@@ -91,20 +114,25 @@ def test_convert_dtype(clip_dir, tmp_path, dtype, tag):
     assert_close_to_scale(half, full, 2e-2 if dtype == "bfloat16" else 3e-3, dtype)
 
 
+@pytest.mark.parametrize("backend", backend_params())
 @pytest.mark.parametrize("kind", ["text", "vision"])
 @pytest.mark.parametrize("safetensors", [True, False])
-def test_single_tower_layouts(tmp_path, vocab, kind, safetensors):
+def test_single_tower_layouts_match_transformers(tmp_path, vocab, backend, kind, safetensors):
+    """CLIPTextModelWithProjection / CLIPVisionModelWithProjection folders, as model.safetensors or as a
+    pytorch_model.bin pickle (with the int64 position_ids buffers older repos hold): the converted tower computes
+    transformers' text_embeds / image_embeds; the missing tower is a one-line error."""
     src = write_tiny_clip(tmp_path / "src", vocab, kind=kind, safetensors=safetensors, seed=3)
     assert any(src.glob("*.bin")) != safetensors
     spec = d2.convert(src, tmp_path / "out")
     assert list(spec.components) == ["text_encoder" if kind == "text" else "image_encoder"]
-    clip = d2.load_clip(tmp_path / "out", backend="torch")
+    clip = d2.load_clip(tmp_path / "out", backend=backend)
+    ref = _reference(src, kind)
     if kind == "text":
-        assert clip.encode_text(["a cat"]).shape == (1, 16)
-        with pytest.raises(d2.Dalle2Error, match="has no image_encoder"):
-            clip.encode_image(_images())
+        assert_close_to_scale(clip.encode_text(PROMPTS), ref["text"], 1e-5, f"{backend} text_embeds")
+        _one_line(lambda: clip.encode_image(_images()), "has no image_encoder")
     else:
-        assert clip.encode_image(_images()).shape == (2, 16)
+        assert_close_to_scale(clip.encode_image(_images()), ref["image"], 1e-5, f"{backend} image_embeds")
+        _one_line(lambda: clip.encode_text(PROMPTS), "has no text_encoder")
 
 
 def test_hub_cache_by_id_offline_then_cached(clip_dir, tmp_path, monkeypatch):
@@ -114,8 +142,7 @@ def test_hub_cache_by_id_offline_then_cached(clip_dir, tmp_path, monkeypatch):
     clip = d2.load_clip("tiny-org/tiny-clip", backend="torch")
     assert clip.spec.source.repo == "tiny-org/tiny-clip" and clip.spec.source.revision == commit
     assert str(clip.model_dir).startswith(os.environ["DALLE2_CACHE"])
-    text_ref, _ = _reference(clip_dir)
-    assert_close_to_scale(clip.encode_text(PROMPTS), _as_array(text_ref), 1e-5, "text via hub")
+    assert_close_to_scale(clip.encode_text(PROMPTS), _reference(clip_dir)["text"], 1e-5, "text via hub")
     # The second load converts nothing: the converted files are not rewritten.
     stamp = (clip.model_dir / "text_encoder.safetensors").stat().st_mtime_ns
     again = d2.load_clip("tiny-org/tiny-clip", backend="torch")
@@ -136,16 +163,7 @@ def test_hub_revision_and_missing_repo(clip_dir, tmp_path, monkeypatch, vocab):
     assert "\n" not in str(e.value) and not (tmp_path / "out2").exists()
 
 
-def _one_line(fn, match):
-    with pytest.raises(d2.Dalle2Error, match=match) as e:
-        fn()
-    assert "\n" not in str(e.value)
-    return str(e.value)
-
-
 def test_bad_sources_leave_nothing_behind(clip_dir, tmp_path, vocab):
-    import shutil
-
     truncated = tmp_path / "truncated"
     shutil.copytree(clip_dir, truncated)
     w = truncated / "model.safetensors"
