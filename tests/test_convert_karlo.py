@@ -6,8 +6,11 @@ and leave nothing behind."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+from pathlib import Path
 
+import huggingface_hub
 import numpy as np
 import pytest
 import torch
@@ -17,6 +20,7 @@ from conftest import BACKENDS, assert_close_to_scale, backend_params
 from diffusers import PriorTransformer, UnCLIPScheduler, UNet2DConditionModel, UNet2DModel
 from diffusers.pipelines.unclip.text_proj import UnCLIPTextProjModel
 from safetensors.numpy import load_file
+from transformers import CLIPTextModelWithProjection
 
 import dalle2_portable as d2
 from dalle2_portable import store
@@ -47,8 +51,6 @@ def _copy(src, tmp_path, name="src"):
 @pytest.mark.parametrize("form", ["safetensors", "bin"])
 def test_convert_copies_every_tensor_exactly(karlo, tmp_path, form):
     """Each component's tensors equal diffusers' / transformers' own loading of the same folder, bit for bit."""
-    from transformers import CLIPTextModelWithProjection
-
     src = karlo[form]
     spec = d2.convert(src, tmp_path / "out")
     assert list(spec.components) == ["text_encoder", "prior", "text_proj", "decoder", "super_res_first",
@@ -137,9 +139,6 @@ def test_fp16_variant(karlo, tmp_path):
 def test_hub_id_offline_converts_once_and_caches(karlo, tmp_path, monkeypatch):
     """A Hub id resolves through the local Hub cache (offline), converts once; the second load converts nothing
     and does not even need the source's weights any more."""
-    import os
-    from pathlib import Path
-
     commit = put_in_hub_cache(karlo["safetensors"], "kakaobrain/karlo-v1-alpha", Path(os.environ["HF_HUB_CACHE"]))
     pipe = d2.load_pipeline("kakaobrain/karlo-v1-alpha", backend=BACKENDS[0])
     assert pipe.model_dir.name == commit and pipe.spec.source.repo == "kakaobrain/karlo-v1-alpha"
@@ -156,13 +155,30 @@ def test_hub_id_offline_converts_once_and_caches(karlo, tmp_path, monkeypatch):
     assert again.model_dir == pipe.model_dir
 
 
+def test_hub_downloads_are_pinned_and_bin_only_where_no_safetensors(karlo, monkeypatch):
+    """One Hub resolution: the probe asks for the index files at the revision; every later download asks for
+    the commit the probe resolved, first configs + safetensors, then (this repo has none) the .bin files."""
+    commit = put_in_hub_cache(karlo["bin"], "kakaobrain/karlo-v1-alpha", Path(os.environ["HF_HUB_CACHE"]))
+    calls = []
+    real = huggingface_hub.snapshot_download
+
+    def recording(repo, revision=None, allow_patterns=None, **kw):
+        calls.append((revision, allow_patterns))
+        return real(repo, revision=revision, allow_patterns=allow_patterns, **kw)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", recording)
+    d2.load_pipeline("kakaobrain/karlo-v1-alpha", backend=BACKENDS[0])
+    assert [revision for revision, _ in calls] == [None, commit, commit]
+    assert not any(p.endswith((".safetensors", ".bin")) for p in calls[0][1])
+    assert "decoder/diffusion_pytorch_model.safetensors" in calls[1][1]
+    assert not any(p.endswith(".bin") for p in calls[1][1])
+    assert "decoder/diffusion_pytorch_model.bin" in calls[2][1] and "text_encoder/pytorch_model.bin" in calls[2][1]
+
+
 @pytest.mark.parametrize("form,repo,tower", [("bin", "kakaobrain/karlo-v1-alpha", "prior"),
                                              ("variations", "kakaobrain/karlo-v1-alpha-image-variations",
                                               "image_encoder")])
 def test_cli_convert_hub_id(karlo, tmp_path, form, repo, tower):
-    import os
-    from pathlib import Path
-
     put_in_hub_cache(karlo[form], repo, Path(os.environ["HF_HUB_CACHE"]))
     r = CliRunner().invoke(main, ["convert", repo, str(tmp_path / "out")])
     assert r.exit_code == 0, r.output
