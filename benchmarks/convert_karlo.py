@@ -24,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from dalle2_portable.store import read_header
+
 HERE = Path(__file__).resolve().parent
 
 BUILD = """
@@ -52,8 +54,6 @@ PEER = "diffusers UnCLIPPipeline.from_pretrained"
 
 
 def largest_tensor_gb(folder: Path) -> tuple[str, float]:
-    from dalle2_portable.store import read_header
-
     best = ("", 0)
     for f in folder.glob("*/*.safetensors"):
         for name, info in read_header(f).items():
