@@ -15,7 +15,8 @@ from .compare import compare_backends
 from .convert import convert
 from .errors import Dalle2Error
 from .pipeline import Pipeline, UnCLIPOutput, load_pipeline
+from .spec import PipelineDefaults
 
 __version__ = "0.1.0"
-__all__ = ["load_pipeline", "Pipeline", "UnCLIPOutput", "compare_backends", "load_clip", "CLIP", "convert",
-           "get_backend", "installed_backends", "Dalle2Error", "__version__"]
+__all__ = ["load_pipeline", "Pipeline", "UnCLIPOutput", "PipelineDefaults", "compare_backends", "load_clip", "CLIP",
+           "convert", "get_backend", "installed_backends", "Dalle2Error", "__version__"]

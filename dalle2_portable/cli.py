@@ -11,12 +11,12 @@ from pathlib import Path
 import click
 
 from .errors import Dalle2Error
+from .schedule import SAMPLERS
+from .spec import STAGES, PipelineDefaults
 
 BACKENDS = click.Choice(["auto", "torch", "mlx"])
 DTYPES = click.Choice(["float32", "float16", "bfloat16"])
-SAMPLERS = click.Choice(["ancestral", "ddim"])
-KARLO_STEPS = {"prior": 25, "decoder": 25, "super_res": 7}  # for --help only; the model's defaults apply
-KARLO_GUIDANCE = {"prior": 4.0, "decoder": 8.0}
+KARLO = PipelineDefaults()  # quoted in --help only; the model's own defaults apply
 
 
 class _Group(click.Group):
@@ -82,8 +82,9 @@ def info(model, revision):
     for key, sched in spec.schedulers.items():
         click.echo(f"scheduler  {key}: {sched.prediction_type}, {sched.variance_type}, "
                    f"clip ±{sched.clip_sample_range:g}, {sched.num_train_timesteps} steps")
-    for key, value in spec.defaults.items():
-        click.echo(f"default    {key} = {value}")
+    for key, value in spec.defaults.to_dict().items():
+        if value is not None:
+            click.echo(f"default    {key} = {value}")
 
 
 
@@ -109,31 +110,33 @@ def _model_options(f):
     return f
 
 
+def _stage_option(stage: str, option: str, karlo):
+    """The click option --{stage}-{option} (default None: the model's), its help quoting Karlo's value."""
+    flag = stage.replace("_", "-")
+    if option == "steps":
+        kind, text = click.IntRange(min=2), f"{flag} steps (default: the model's; Karlo {karlo})."
+    elif option == "guidance":
+        kind, text = float, f"{flag} classifier-free guidance scale (default: the model's; Karlo {karlo:g}; 1 = off)."
+    else:
+        kind, text = click.Choice(SAMPLERS), (f"{flag} sampler (default: the model's; Karlo {karlo}): ancestral is "
+                                              "the reference, ddim deterministic DDIM (the usual choice for fewer "
+                                              "steps).")
+    return click.option(f"--{flag}-{option}", f"{stage}_{option}", type=kind, default=None, help=text)
+
+
 def _stage_options(stages):
-    """--{stage}-steps, --{stage}-guidance and --{stage}-sampler for the named stages (None = model default)."""
+    """The options of the named stages, as PipelineDefaults has them: --{stage}-steps and --{stage}-sampler for
+    each, --{stage}-guidance for the prior and the decoder (the super-res stage has no guidance)."""
     def wrap(f):
-        opts = []
-        for s in stages:
-            flag = s.replace("_", "-")
-            opts.append(click.option(f"--{flag}-steps", f"{s}_steps", type=click.IntRange(min=2), default=None,
-                                     help=f"{flag} steps (default: the model's; Karlo {KARLO_STEPS[s]})."))
-            if s in KARLO_GUIDANCE:
-                opts.append(click.option(f"--{flag}-guidance", f"{s}_guidance", type=float, default=None,
-                                         help=f"{flag} classifier-free guidance scale (default: the model's; "
-                                              f"Karlo {KARLO_GUIDANCE[s]:g}; 1 = off)."))
-            opts.append(click.option(f"--{flag}-sampler", f"{s}_sampler", type=SAMPLERS, default=None,
-                                     help=f"{flag} sampler: ancestral (the reference, default) or ddim "
-                                          "(deterministic DDIM, the usual choice for fewer steps)."))
-        for decorator in reversed(opts):
+        for decorator in reversed([_stage_option(s, k, v) for s in stages for k, v in KARLO.stage(s).items()]):
             f = decorator(f)
         return f
     return wrap
 
 
-def _options(kwargs: dict) -> dict:
+def _options(stages: dict) -> dict:
     """The stage options the user set (the rest fall back to the model's defaults)."""
-    return {k: v for k, v in kwargs.items() if k.rsplit("_", 1)[-1] in ("steps", "guidance", "sampler")
-            and v is not None}
+    return {k: v for k, v in stages.items() if v is not None}
 
 
 def _outputs(output: str, n: int, force: bool, suffix: str = ".png") -> list[Path]:
@@ -176,7 +179,7 @@ def _save(out, paths, force: bool, quiet: bool, extra: dict | None = None) -> No
               help="Generate this many candidates and keep the --num-images best by CLIP similarity.")
 @click.option("--clip", "clip_model", default=None, help="CLIP model scoring --rerank (default: the model's own "
               "image tower; Karlo has none: use openai/clip-vit-large-patch14).")
-@_stage_options(("prior", "decoder", "super_res"))
+@_stage_options(STAGES)
 @_model_options
 def generate(prompt, output, num_images, rerank, clip_model, model, revision, backend, device, dtype, seed, quiet,
              force, **stages):
@@ -198,7 +201,7 @@ def generate(prompt, output, num_images, rerank, clip_model, model, revision, ba
 @click.option("--output", "-o", default="vary.png", show_default=True,
               help="PNG path; several images are written as NAME-0.png, NAME-1.png, ...")
 @click.option("--num-images", "-n", type=click.IntRange(min=1), default=1, show_default=True)
-@_stage_options(("decoder", "super_res"))
+@_stage_options(STAGES[1:])
 @_model_options
 def vary(image, output, num_images, model, revision, backend, device, dtype, seed, quiet, force, **stages):
     """Variations of IMAGE: its CLIP image embedding decoded again (needs a model with an image encoder, such as
@@ -218,7 +221,7 @@ def vary(image, output, num_images, model, revision, backend, device, dtype, see
               help="Frames are written as NAME-0.png ... NAME-(N-1).png, plus NAME.gif (unless --no-gif).")
 @click.option("--gif/--no-gif", default=True, show_default=True, help="Also write the frames as an animated GIF.")
 @click.option("--fps", type=click.IntRange(min=1), default=4, show_default=True, help="GIF frame rate.")
-@_stage_options(("prior", "decoder", "super_res"))
+@_stage_options(STAGES)
 @_model_options
 def interpolate(start, end, frames, text, output, gif, fps, model, revision, backend, device, dtype, seed, quiet,
                 force, **stages):
@@ -249,7 +252,7 @@ def interpolate(start, end, frames, text, output, gif, fps, model, revision, bac
 @click.option("--output", "-o", default="edit.png", show_default=True,
               help="PNG path; several images are written as NAME-0.png, NAME-1.png, ...")
 @click.option("--num-images", "-n", type=click.IntRange(min=1), default=1, show_default=True)
-@_stage_options(("decoder", "super_res"))
+@_stage_options(STAGES[1:])
 @_model_options
 def edit(image, source, target, amount, output, num_images, model, revision, backend, device, dtype, seed, quiet,
          force, **stages):
@@ -274,7 +277,7 @@ def edit(image, source, target, amount, output, num_images, model, revision, bac
               help="Side-by-side PNG of the final images (first backend left).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 @click.option("--force", is_flag=True, help="Overwrite --output if it exists.")
-@_stage_options(("prior", "decoder", "super_res"))
+@_stage_options(STAGES)
 def compare(prompt, model, revision, backends, dtype, seed, num_images, tolerance, output, quiet, force, **stages):
     """Run PROMPT on two backends with one seed; print each stage's difference (prior embedding, decoder 64,
     super-res 256: max abs difference and PSNR); write the images side by side; exit 1 above --tolerance."""

@@ -6,8 +6,9 @@
     pipe.vary("corgi.png"); pipe.interpolate("a.png", "b.png", frames=5); pipe.edit("corgi.png", source=...,
         target=..., amount=0.4); pipe.rerank("a corgi", candidates=8)
 
-This module orchestrates only: the modules are the backend's, the CLIP towers come through `CLIP`, the loops
-live in `sampling.py` and the embedding arithmetic (slerp, text diffs) in `unclip.py`.
+This module orchestrates: the modules are the backend's, the CLIP towers come through `CLIP`, the loops live
+in `sampling.py`, the defaults in the spec (`PipelineDefaults`); the embedding arithmetic the verbs need (slerp,
+text diffs) is at the end of this file.
 """
 
 from __future__ import annotations
@@ -26,15 +27,10 @@ from .errors import Dalle2Error
 from .images import to_pil
 from .sampling import NoiseStream, Progress, Stage, no_progress, sample_decoder, sample_prior, sample_super_res
 from .schedule import UnCLIPSchedule
-from .spec import ModelSpec
-from .unclip import slerp, text_diff
+from .spec import STAGES, ModelSpec, PipelineDefaults
 
 UNCLIP_COMPONENTS = ("prior", "text_proj", "decoder", "super_res_first", "super_res_last")
 REQUIRED = ("text_encoder", "text_proj", "decoder")  # the least an unCLIP model has (variations have no prior)
-STAGES = ("prior", "decoder", "super_res")
-# what a stage falls back to when neither the call nor the model's defaults set it
-FALLBACK = {"steps": {"prior": 25, "decoder": 25, "super_res": 7}, "guidance": {"prior": 4.0, "decoder": 8.0,
-                                                                                 "super_res": 1.0}}
 
 
 @dataclass
@@ -113,7 +109,8 @@ class Pipeline:
         return self.spec.schedulers
 
     @property
-    def defaults(self) -> dict:
+    def defaults(self) -> PipelineDefaults:
+        """The model's defaults (model.json "defaults"): what each option a call leaves out takes."""
         return self.spec.defaults
 
     def __repr__(self) -> str:
@@ -121,26 +118,15 @@ class Pipeline:
 
     # -- the pieces the verbs share --------------------------------------------------------------------------
     def _stages(self, names: tuple[str, ...], options: dict) -> dict[str, Stage]:
-        """The Stage of each named stage from the call's options ({stage}_steps, {stage}_guidance,
-        {stage}_sampler; None = the model's default)."""
-        allowed = {f"{s}_{k}" for s in names for k in ("steps", "guidance", "sampler")}
-        unknown = sorted(set(options) - allowed)
-        if unknown:
-            raise Dalle2Error(f"unknown option {unknown[0]!r} here; the options are {', '.join(sorted(allowed))}")
+        """The Stage of each named stage: the call's options ({stage}_steps, {stage}_guidance, {stage}_sampler
+        as the stage has them, each None = the model's default) over the model's defaults."""
+        settings = self.defaults.override(names, options)
         stages = {}
         for s in names:
             if s not in self._schedules:
                 raise Dalle2Error(f"model {str(self.model_dir)!r} has no {s} scheduler in model.json; "
                                   "re-convert it with `dalle2 convert`")
-
-            def get(k: str):
-                given = options.get(f"{s}_{k}")
-                return given if given is not None else self.defaults.get(f"{s}_{k}", FALLBACK.get(k, {}).get(s))
-
-            steps = get("steps")
-            if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)):
-                raise Dalle2Error(f"{s}_steps must be an integer, got {steps!r}")
-            stages[s] = Stage(self._schedules[s], int(steps), float(get("guidance")), get("sampler") or "ancestral")
+            stages[s] = Stage(self._schedules[s], **settings.stage(s))
         return stages
 
     def _uncond(self, n: int) -> TextCondition:
@@ -170,14 +156,14 @@ class Pipeline:
         """Decoder (64 px) then super-res (256 px) from image embeddings; the output with its settings."""
         dec = stages["decoder"]
         decoder_cfg = self.spec.components["decoder"].config
-        size = self.defaults.get("decoder_sample_size") or decoder_cfg.sample_size
+        size = self.defaults.decoder_sample_size or decoder_cfg.sample_size
         small = sample_decoder(self.backend, self.modules["text_proj"], self.modules["decoder"], dec, embeddings,
                                text, self._uncond(len(text)) if dec.guided else None, decoder_cfg.in_channels,
                                size, noise, shared, self.progress)
         big = small
         if "super_res_first" in self.modules:
             sr_cfg = self.spec.components["super_res_first"].config
-            big_size = self.defaults.get("super_res_sample_size") or sr_cfg.sample_size
+            big_size = self.defaults.super_res_sample_size or sr_cfg.sample_size
             last = self.modules.get("super_res_last", self.modules["super_res_first"])
             big = sample_super_res(self.backend, self.modules["super_res_first"], last, stages["super_res"],
                                    small, big_size, noise, shared, self.progress)
@@ -185,8 +171,7 @@ class Pipeline:
                     "revision": self.spec.source.revision, "backend": self.backend.name,
                     "device": self.backend.device, "dtype": self.backend.dtype}
         for name, st in stages.items():
-            settings.update({f"{name}_steps": st.steps, f"{name}_guidance": st.guidance,
-                             f"{name}_sampler": st.sampler})
+            settings.update({f"{name}_{k}": getattr(st, k) for k in PipelineDefaults.options(name)})
         images = [to_pil(x) for x in big]
         return UnCLIPOutput(images, embeddings, small, big, captions, settings)
 
@@ -205,9 +190,10 @@ class Pipeline:
         """Text to image through the whole cascade: prior -> decoder -> super-res.
 
         prompt: one caption or a list; num_images per caption (the batch is caption-major). seed or generator
-        (a numpy Generator) feeds the one noise stream. options, each None = the model's default:
-        prior_steps, decoder_steps, super_res_steps (25 / 25 / 7 for Karlo), prior_guidance, decoder_guidance
-        (4.0 / 8.0), prior_sampler, decoder_sampler, super_res_sampler ("ancestral", the reference, or "ddim")."""
+        (a numpy Generator) feeds the one noise stream. options, each None = the model's default (`defaults`,
+        for Karlo `PipelineDefaults()`): prior_steps, decoder_steps, super_res_steps, prior_guidance,
+        decoder_guidance, prior_sampler, decoder_sampler, super_res_sampler ("ancestral", the reference, or
+        "ddim"); the super-res stage has no guidance."""
         prompts = _prompts(prompt)
         stages = self._stages(STAGES, options)
         noise = NoiseStream(seed, generator)
@@ -335,6 +321,41 @@ def _interpolate_text(ends: TextCondition, weights: np.ndarray) -> TextCondition
     states = ((1 - w) * ends.states[0] + w * ends.states[1]).astype(np.float32)
     mask = np.repeat((ends.mask[0] | ends.mask[1])[None], len(weights), axis=0)
     return TextCondition(slerp(ends.embeds[0], ends.embeds[1], weights), states, mask)
+
+
+def slerp(a: np.ndarray, b: np.ndarray, t) -> np.ndarray:
+    """Spherical interpolation between embeddings a and b (rows, (..., D)) by t (broadcast over the rows):
+    the direction moves along the great circle, the norm linearly (CLIP image embeddings are not unit vectors
+    and the decoder was trained on their own scale). t = 0 returns a and t = 1 returns b exactly; nearly
+    parallel directions fall back to linear interpolation. Computed in float64, returned as float32."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    t = np.asarray(t, np.float64)[..., None]
+    na, nb = np.linalg.norm(a, axis=-1, keepdims=True), np.linalg.norm(b, axis=-1, keepdims=True)
+    if (na == 0).any() or (nb == 0).any():
+        raise Dalle2Error("slerp: an embedding is all zeros, so it has no direction to interpolate")
+    ua, ub = a / na, b / nb
+    theta = np.arccos(np.clip((ua * ub).sum(-1, keepdims=True), -1.0, 1.0))
+    sin = np.sin(theta)
+    near = sin < 1e-6
+    safe = np.where(near, 1.0, sin)
+    wa = np.where(near, 1.0 - t, np.sin((1.0 - t) * theta) / safe)
+    wb = np.where(near, t, np.sin(t * theta) / safe)
+    out = (wa * ua + wb * ub) * ((1.0 - t) * na + t * nb)
+    out = np.where(t == 0, a, np.where(t == 1, b, out))
+    return out.astype(np.float32)
+
+
+def text_diff(image_embedding: np.ndarray, source: np.ndarray, target: np.ndarray, amount: float) -> np.ndarray:
+    """DALL-E 2's text diffs (section 3.3): the normalised difference of the target and source caption
+    embeddings, z_d = (z_target - z_source) / |z_target - z_source|, slerped into the image embedding by
+    `amount` (0 = the image, 1 = pure z_d), keeping the image embedding's norm. (B, D) rows, float32."""
+    d = np.asarray(target, np.float64) - np.asarray(source, np.float64)
+    n = np.linalg.norm(d, axis=-1, keepdims=True)
+    if (n < 1e-12).any():
+        raise Dalle2Error("edit: the source and target captions have the same CLIP embedding; give two "
+                          "different captions")
+    z = np.asarray(image_embedding, np.float64)
+    return slerp(z, d / n * np.linalg.norm(z, axis=-1, keepdims=True), amount)
 
 
 def load_pipeline(model: str | os.PathLike = "default", backend: str | Backend = "auto", device: str | None = None,

@@ -9,6 +9,7 @@ hand-edited `model.json` is an error, not a silently ignored key.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -494,6 +495,71 @@ class SchedulerConfig(_Config):
             raise Dalle2Error(f"{where}: {e}") from None
 
 
+# -- the pipeline's defaults ---------------------------------------------------------------------------------
+
+STAGES = ("prior", "decoder", "super_res")  # the cascade's sampling stages, in order
+STAGE_OPTIONS = ("steps", "guidance", "sampler")  # the options a stage may have (Stage's fields)
+# a PipelineDefaults field's type by its name's last word: (stored as, accepted, in an error)
+_DEFAULT_KINDS = {"steps": (int, numbers.Integral, "an integer"), "size": (int, numbers.Integral, "an integer"),
+                  "guidance": (float, numbers.Real, "a number"), "scale": (float, numbers.Real, "a number"),
+                  "sampler": (str, str, "a sampler name")}
+
+
+@dataclass(frozen=True)
+class PipelineDefaults(_Config):
+    """What a verb uses for each option the call leaves out: model.json's "defaults".
+
+    A stage has exactly the options that are fields `{stage}_{option}` here: the super-res stage has no guidance
+    (Karlo's upsamplers are unconditional on text). The values below are diffusers' `UnCLIPPipeline` and
+    `UnCLIPImageVariationPipeline` `__call__` defaults (identical from v0.11 to today; reference sections 11-12),
+    which are Karlo's and are in none of its files; guidance 1 turns classifier-free guidance off. A sample size
+    of None means the stage's UNet config's `sample_size`, as in diffusers."""
+
+    TYPE: ClassVar[str] = "defaults"
+    prior_steps: int = 25
+    prior_guidance: float = 4.0
+    prior_sampler: str = "ancestral"
+    decoder_steps: int = 25
+    decoder_guidance: float = 8.0
+    decoder_sampler: str = "ancestral"
+    super_res_steps: int = 7
+    super_res_sampler: str = "ancestral"
+    decoder_sample_size: int | None = None
+    super_res_sample_size: int | None = None
+    clip_logit_scale: float | None = None  # CLIPModel's learned temperature, recorded by CLIP conversions
+
+    def __post_init__(self):
+        # Types only (a call's options land here too): sampler names and step ranges are the schedule's checks,
+        # made when a stage is built. Integers and numbers are stored as Python int and float.
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is None and f.default is None:
+                continue
+            kind, accepted, what = _DEFAULT_KINDS[f.name.rsplit("_", 1)[1]]
+            if isinstance(value, bool) or not isinstance(value, accepted):
+                raise Dalle2Error(f"{f.name} must be {what}, got {value!r}")
+            object.__setattr__(self, f.name, kind(value))
+
+    @classmethod
+    def options(cls, stage: str) -> tuple[str, ...]:
+        """The options `stage` has, in STAGE_OPTIONS' order: ("steps", "sampler") for super_res."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return tuple(k for k in STAGE_OPTIONS if f"{stage}_{k}" in names)
+
+    def stage(self, stage: str) -> dict[str, Any]:
+        """One stage's settings by option name, e.g. {"steps": 7, "sampler": "ancestral"} for super_res."""
+        return {k: getattr(self, f"{stage}_{k}") for k in self.options(stage)}
+
+    def override(self, stages: tuple[str, ...], options: dict[str, Any]) -> PipelineDefaults:
+        """These defaults with a call's stage options ({stage}_{option}, None = keep the default) for the named
+        stages; any other option, such as one a stage does not have, is an error naming the ones there are."""
+        allowed = sorted(f"{s}_{k}" for s in stages for k in self.options(s))
+        unknown = sorted(set(options) - set(allowed))
+        if unknown:
+            raise Dalle2Error(f"unknown option {unknown[0]!r} here; the options are {', '.join(allowed)}")
+        return dataclasses.replace(self, **{k: v for k, v in options.items() if v is not None})
+
+
 # component type -> its config class
 COMPONENT_TYPES: dict[str, type[_Config]] = {
     c.TYPE: c for c in (CLIPTextConfig, CLIPVisionConfig, PriorConfig, TextProjConfig, UNet2DConditionConfig,
@@ -544,7 +610,11 @@ class ModelSpec:
     tokenizer: TokenizerConfig | None = None
     image_processor: ImageProcessorConfig | None = None
     schedulers: dict[str, SchedulerConfig] = field(default_factory=dict)  # prior / decoder / super_res
-    defaults: dict[str, Any] = field(default_factory=dict)
+    defaults: PipelineDefaults = field(default_factory=PipelineDefaults)
+
+    def __post_init__(self):
+        if isinstance(self.defaults, dict):  # its JSON form, read strictly (convert/clip.py passes one)
+            object.__setattr__(self, "defaults", PipelineDefaults.from_dict(self.defaults))
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -554,7 +624,7 @@ class ModelSpec:
             "tokenizer": self.tokenizer.to_dict() if self.tokenizer else None,
             "image_processor": self.image_processor.to_dict() if self.image_processor else None,
             "schedulers": {k: s.to_dict() for k, s in self.schedulers.items()},
-            "defaults": self.defaults,
+            "defaults": self.defaults.to_dict(),
         }
 
     @classmethod
@@ -580,5 +650,5 @@ class ModelSpec:
             image_processor=ImageProcessorConfig.from_dict(proc) if proc else None,
             schedulers={k: SchedulerConfig.from_dict(s, f"model.json scheduler {k!r}")
                         for k, s in (d.get("schedulers") or {}).items()},
-            defaults=d.get("defaults") or {},
+            defaults=PipelineDefaults.from_dict(d.get("defaults") or {}),
         )

@@ -11,6 +11,9 @@ from PIL import Image
 
 from dalle2_portable.cli import main
 from dalle2_portable.images import read_png_metadata
+from dalle2_portable.spec import STAGES, PipelineDefaults
+
+STAGES_FLAGS = tuple(f"--{s.replace('_', '-')}-" for s in STAGES)
 
 
 def run(*args, ok=True):
@@ -31,6 +34,7 @@ def test_generate_writes_pngs_with_metadata(models, tmp_path):
     assert meta["prompt"] == "a red cube" and meta["seed"] == "3" and meta["backend"] == "torch"
     assert meta["decoder_steps"] == "5" and meta["prior_guidance"] == "2.0" and meta["prior_steps"] == "25"
     assert meta["index"] == "1" and "model" in meta and Image.open(paths[0]).size == (16, 16)
+    assert "super_res_guidance" not in meta and meta["super_res_steps"] == "7"  # super-res has no guidance
 
     # the same command again refuses before doing any work; --force replaces
     before = paths[0].read_bytes()
@@ -80,6 +84,20 @@ def test_vary_edit_interpolate(models, tmp_path):
     assert read_png_metadata(tmp_path / "t-1.png")["kind"] == "text"
     r = run("interpolate", src, src, "--prior-steps", "3", "-m", models["iv"], "-o", tmp_path / "x.png", ok=False)
     assert "--prior-* options apply to --text interpolation only" in r.output
+
+
+def test_stage_options_are_pipeline_defaults():
+    """Each command offers exactly the stage options PipelineDefaults has for its stages, and its help quotes
+    Karlo's values from there."""
+    karlo = PipelineDefaults()
+    for command, stages in (("generate", STAGES), ("vary", STAGES[1:]), ("edit", STAGES[1:]),
+                            ("interpolate", STAGES), ("compare", STAGES)):
+        flags = {o for p in main.commands[command].params for o in p.opts if o.startswith(STAGES_FLAGS)}
+        assert flags == {f"--{s.replace('_', '-')}-{k}" for s in stages for k in PipelineDefaults.options(s)}
+    text = run("generate", "--help").output
+    assert "--super-res-guidance" not in text and f"Karlo {karlo.decoder_guidance:g}; 1 = off" in text
+    r = run("generate", "a cat", "--super-res-guidance", "5", ok=False)
+    assert r.exit_code == 2 and "No such option '--super-res-guidance'" in r.output
 
 
 def test_default_model_is_one_line(tmp_path):

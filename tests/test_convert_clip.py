@@ -98,7 +98,7 @@ def test_model_directory_contents(clip_dir, tmp_path):
     assert spec.source.layout == "transformers-clip" and spec.source.revision is None
     assert read_spec(out) == spec  # model.json round-trips
     logit_scale = load_file(clip_dir / "model.safetensors")["logit_scale"]
-    assert spec.defaults["clip_logit_scale"] == float(logit_scale.reshape(()))
+    assert spec.defaults.clip_logit_scale == float(logit_scale.reshape(()))
     text = read_header(out / "text_encoder.safetensors")
     assert all(k.startswith(("text_model.", "text_projection.")) for k in text)
     assert "text_model.embeddings.position_ids" not in text

@@ -78,8 +78,9 @@ def test_model_json_records_schedulers_tokenizer_and_defaults(karlo, tmp_path):
                 got.num_train_timesteps) == (ref.variance_type, ref.prediction_type, ref.clip_sample,
                                              ref.clip_sample_range, ref.num_train_timesteps)
     assert spec.tokenizer.pad_token == "!"
-    assert spec.defaults == dict(prior_steps=25, decoder_steps=25, super_res_steps=7, prior_guidance=4.0,
-                                 decoder_guidance=8.0, decoder_sample_size=8, super_res_sample_size=16)
+    d = spec.defaults
+    assert (d.prior_steps, d.decoder_steps, d.super_res_steps, d.prior_guidance, d.decoder_guidance,
+            d.decoder_sample_size, d.super_res_sample_size) == (25, 25, 7, 4.0, 8.0, 8, 16)
     assert spec.components["super_res_last"].config.sample_size is None  # as on the Hub
     # the text encoder and tokenizer work through load_clip, and pad with "!" = id 0 as Karlo does
     clip = d2.load_clip(tmp_path / "out", backend=BACKENDS[0])
@@ -120,7 +121,7 @@ def test_variations_pipeline(karlo, tmp_path):
     assert "prior" not in spec.components and spec.components["image_encoder"].type == "clip_vision"
     assert "prior" not in spec.schedulers and set(spec.schedulers) == {"decoder", "super_res"}
     assert spec.image_processor.shortest_edge == 32 and spec.image_processor.crop_height == 32
-    assert "prior_steps" not in spec.defaults and spec.defaults["decoder_guidance"] == 8.0
+    assert spec.defaults.decoder_guidance == 8.0 and spec.defaults.super_res_sample_size == 16
     pipe = d2.load_pipeline(tmp_path / "out", backend=BACKENDS[0])
     assert "image_encoder" in pipe.components and "prior" not in pipe.components
 

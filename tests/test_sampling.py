@@ -266,10 +266,15 @@ def test_draw_counts(models, monkeypatch):
     assert [s.draws for s in streams] == [57, 3, 3]
     np.testing.assert_array_equal(out.samples, again.samples)
     assert out.settings["decoder_sampler"] == "ddim" and np.isfinite(out.samples).all()
+    assert {k for k in out.settings if k.startswith("super_res_")} == {"super_res_steps", "super_res_sampler"}
 
 
 @pytest.mark.parametrize("call,match", [
     (lambda p: p.generate("a", colour="red"), "unknown option 'colour'"),
+    (lambda p: p.generate("a", super_res_guidance=50), "unknown option 'super_res_guidance' here; the options are "
+                                                       "decoder_guidance, .*, super_res_steps$"),
+    (lambda p: p.vary(images(1), prior_steps=3), "unknown option 'prior_steps'"),
+    (lambda p: p.generate("a", prior_steps=2.5), "prior_steps must be an integer, got 2.5"),
     (lambda p: p.generate(["a", 3]), "prompt must be a string"),
     (lambda p: p.generate("a", num_images=0), "num_images must be a positive integer"),
     (lambda p: p.generate("a", decoder_steps=1), "steps must be between 2 and 1000"),

@@ -1,9 +1,14 @@
 """spec.py: config translators from the reference formats, JSON round trips, one-line errors."""
 
+import inspect
+
+import numpy as np
 import pytest
+from diffusers import UnCLIPImageVariationPipeline, UnCLIPPipeline
 
 from dalle2_portable.errors import Dalle2Error
-from dalle2_portable.spec import CLIPTextConfig, CLIPVisionConfig, ImageProcessorConfig, ModelSpec, TokenizerConfig
+from dalle2_portable.spec import (STAGES, CLIPTextConfig, CLIPVisionConfig, ImageProcessorConfig, ModelSpec,
+                                  PipelineDefaults, TokenizerConfig)
 
 
 def test_legacy_openai_config_dicts():
@@ -54,3 +59,63 @@ def test_model_spec_rejects_unknown_format_and_component():
         ModelSpec.from_dict(d)
     with pytest.raises(Dalle2Error, match="unsupported tokenizer kind"):
         TokenizerConfig(kind="wordpiece")
+
+
+def test_pipeline_defaults_are_diffusers_call_defaults():
+    """PipelineDefaults() is what UnCLIPPipeline and UnCLIPImageVariationPipeline use when a call sets nothing."""
+    d = PipelineDefaults()
+    for cls, stages in ((UnCLIPPipeline, STAGES), (UnCLIPImageVariationPipeline, STAGES[1:])):
+        params = inspect.signature(cls.__call__).parameters
+        for s in stages:
+            assert getattr(d, f"{s}_steps") == params[f"{s}_num_inference_steps"].default
+            assert getattr(d, f"{s}_guidance", None) == getattr(params.get(f"{s}_guidance_scale"), "default", None)
+    assert [PipelineDefaults.options(s) for s in STAGES] == [("steps", "guidance", "sampler")] * 2 + [
+        ("steps", "sampler")]
+
+
+# model.json "defaults" as the converters before PipelineDefaults wrote them: Karlo, Karlo variations, CLIPModel
+LEGACY_DEFAULTS = [
+    dict(prior_steps=25, decoder_steps=25, super_res_steps=7, prior_guidance=4.0, decoder_guidance=8.0,
+         decoder_sample_size=64, super_res_sample_size=256),
+    dict(decoder_steps=25, super_res_steps=7, decoder_guidance=8.0, decoder_sample_size=64,
+         super_res_sample_size=256),
+    dict(clip_logit_scale=4.6052),
+    {},
+]
+
+
+@pytest.mark.parametrize("legacy", LEGACY_DEFAULTS)
+def test_model_json_defaults_load_and_round_trip(legacy):
+    d = {"format": 1, "source": {"repo": "x"}, "components": {}, "defaults": legacy}
+    spec = ModelSpec.from_dict(d)
+    assert {k: getattr(spec.defaults, k) for k in legacy} == legacy
+    assert ModelSpec.from_dict(spec.to_dict()) == spec
+    assert ModelSpec.from_dict({**d, "defaults": None}).defaults == PipelineDefaults()
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(super_res_guidance=4.0), "unknown key 'super_res_guidance' in a defaults config"),
+    (dict(prior_steps="25"), "prior_steps must be an integer, got '25'"),
+    (dict(decoder_steps=True), "decoder_steps must be an integer, got True"),
+    (dict(decoder_guidance="8"), "decoder_guidance must be a number"),
+    (dict(super_res_sampler=None), "super_res_sampler must be a sampler name, got None"),
+])
+def test_model_json_defaults_are_strict(bad, match):
+    with pytest.raises(Dalle2Error, match=match) as e:
+        ModelSpec.from_dict({"format": 1, "source": {"repo": "x"}, "components": {}, "defaults": bad})
+    assert "\n" not in str(e.value)
+
+
+def test_pipeline_defaults_types_and_override():
+    d = PipelineDefaults(prior_steps=np.int64(5), decoder_guidance=2, clip_logit_scale=np.float32(1.5))
+    assert type(d.prior_steps) is int and type(d.decoder_guidance) is float and d.decoder_guidance == 2.0
+    assert type(d.clip_logit_scale) is float
+    assert d.stage("super_res") == {"steps": 7, "sampler": "ancestral"}
+    new = d.override(STAGES[1:], {"decoder_steps": 9, "super_res_sampler": "ddim", "decoder_guidance": None})
+    assert (new.decoder_steps, new.super_res_sampler, new.decoder_guidance, new.prior_steps) == (9, "ddim", 2.0, 5)
+    with pytest.raises(Dalle2Error, match="unknown option 'super_res_guidance' here; the options are "
+                                          "decoder_guidance, decoder_sampler, decoder_steps, super_res_sampler, "
+                                          "super_res_steps$"):
+        d.override(STAGES[1:], {"super_res_guidance": 50})
+    with pytest.raises(Dalle2Error, match="unknown option 'prior_steps'"):
+        d.override(STAGES[1:], {"prior_steps": 3})

@@ -13,8 +13,8 @@ from pathlib import Path
 
 from .. import store
 from ..errors import Dalle2Error
-from ..spec import (COMPONENT_NAMES, Component, ImageProcessorConfig, ModelSpec, PriorConfig, SchedulerConfig,
-                    Source, TextProjConfig, UNet2DConditionConfig, UNet2DConfig)
+from ..spec import (COMPONENT_NAMES, Component, ImageProcessorConfig, ModelSpec, PipelineDefaults, PriorConfig,
+                    SchedulerConfig, Source, TextProjConfig, UNet2DConditionConfig, UNet2DConfig)
 from .files import read_json, tokenizer_config_from_hf, write_clip_components, write_tokenizer_files
 from .weights import Checkpoint, write_component
 
@@ -44,13 +44,6 @@ CLASSES = {
 DIFFUSERS_MODELS = {"prior": PriorConfig, "text_proj": TextProjConfig, "decoder": UNet2DConditionConfig,
                     "super_res_first": UNet2DConfig, "super_res_last": UNet2DConfig}
 TRANSFORMERS_MODELS = ("text_encoder", "image_encoder")
-# The pipelines' `__call__` defaults (diffusers, identical from v0.11 to today; reference section 11 and 12): they
-# are not in any file, so they are recorded here. Guidance > 1 turns classifier-free guidance on.
-DEFAULTS = {
-    "UnCLIPPipeline": dict(prior_steps=25, decoder_steps=25, super_res_steps=7, prior_guidance=4.0,
-                           decoder_guidance=8.0),
-    "UnCLIPImageVariationPipeline": dict(decoder_steps=25, super_res_steps=7, decoder_guidance=8.0),
-}
 
 CONFIG_PATTERNS = ["model_index.json", "*/config.json", "*/scheduler_config.json", "*/preprocessor_config.json",
                    "tokenizer/*.json", "tokenizer/merges.txt"]
@@ -98,7 +91,7 @@ def convert_karlo(src: Path, out: Path, source: Source, dtype: str, variant: str
 
     Every config is read and checked first (an unsupported block type fails before a byte is written), then
     each component's tensors are checked against its config's shapes and streamed into `<name>.safetensors`."""
-    name, needed = _check_index(src)
+    _, needed = _check_index(src)
     configs = {n: cls.from_hf_config(read_json(src / n / "config.json"))
                for n, cls in DIFFUSERS_MODELS.items() if n in needed}
     schedulers = {n.removesuffix("_scheduler"): SchedulerConfig.from_hf_config(
@@ -121,8 +114,9 @@ def convert_karlo(src: Path, out: Path, source: Source, dtype: str, variant: str
         write_component(ckpt, ckpt.names(), config, out / f"{n}.safetensors", dtype)
         components[n] = Component(config.TYPE, config, f"{n}.safetensors")
     write_tokenizer_files(src / "tokenizer", out / "tokenizer", tokenizer)
-    defaults = dict(DEFAULTS[name], decoder_sample_size=configs["decoder"].sample_size,
-                    super_res_sample_size=configs["super_res_first"].sample_size)
+    # both pipelines' `__call__` defaults are PipelineDefaults' (a variations model has no prior to use its own)
+    defaults = PipelineDefaults(decoder_sample_size=configs["decoder"].sample_size,
+                                super_res_sample_size=configs["super_res_first"].sample_size)
     components = {k: components[k] for k in sorted(components, key=COMPONENT_NAMES.index)}  # the flow's order
     spec = ModelSpec(source=source, components=components, tokenizer=tokenizer, image_processor=processor,
                      schedulers=schedulers, defaults=defaults)
