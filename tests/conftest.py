@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny reference models built with transformers, placed in folders and in a local Hub cache.
+"""Shared fixtures: tiny reference models built with transformers, placed in folders and in a local Hub cache;
+and the test tiers (the `torch`, `mlx` and `slow` markers), all set here in `pytest_collection_modifyitems`.
 
 Nothing here touches the network: HF_HUB_OFFLINE is set before huggingface_hub is imported, and every
 checkpoint is made by the tests in the exact upstream layout (`save_pretrained`).
@@ -6,6 +7,7 @@ checkpoint is made by the tests in the exact upstream layout (`save_pretrained`)
 
 from __future__ import annotations
 
+import fnmatch
 import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -14,9 +16,10 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from dalle2_portable.backends import installed  # noqa: E402
+from dalle2_portable.backends import auto_backend, installed  # noqa: E402
 
 BACKENDS = installed()
+AUTO = auto_backend() if BACKENDS else None  # what backend="auto" (the CLI's default) runs on here
 
 
 def backend_params():
@@ -74,3 +77,90 @@ def pytest_sessionfinish(session, exitstatus):
     """A run in which nothing passed (nothing collected, or everything skipped) is a failure, not a pass."""
     if exitstatus == 0 and _PASSED == 0:
         session.exitstatus = 1
+
+
+# -- the test tiers ---------------------------------------------------------------------------------------------
+# Backend markers: a test parametrised over `backend` (backend_params) is marked with that backend; one skipped
+# unless both are installed (skipif reason "needs both backends ...") with both; RUNS_ON names the other tests
+# that run on a backend ("first" = BACKENDS[0], "auto" = AUTO, "installed" = every installed backend).
+RUNS_ON = {
+    "test_backends.py::test_names_and_shapes_identical_across_backends_and_canonical": ("installed",),
+    "test_backends.py::test_bad_backend_device_dtype_are_one_line": ("torch",),
+    "test_cli_generate.py::test_generate_writes_pngs_with_metadata": ("torch",),
+    "test_cli_generate.py::test_generate_single_image_and_bad_output": ("auto",),
+    "test_cli_generate.py::test_generate_rerank_with_clip": ("auto",),
+    "test_cli_generate.py::test_vary_edit_interpolate": ("auto",),
+    "test_convert_clip.py::test_convert_dtype": ("torch",),
+    "test_convert_clip.py::test_hub_cache_by_id_offline_then_cached": ("torch",),
+    "test_convert_karlo.py::test_model_json_records_schedulers_tokenizer_and_defaults": ("first",),
+    "test_convert_karlo.py::test_variations_pipeline": ("first",),
+    "test_convert_karlo.py::test_hub_id_offline_converts_once_and_caches": ("first",),
+    "test_convert_karlo.py::test_hub_downloads_are_pinned_and_bin_only_where_no_safetensors": ("first",),
+    "test_sampling.py::test_models_are_well_conditioned": ("torch",),
+    "test_sampling.py::test_draw_counts": ("torch",),
+    "test_sampling.py::test_bad_input_is_one_line": ("torch",),
+    "test_sampling.py::test_generate_needs_a_prior": ("torch",),
+    "test_store.py::test_unknown_format": ("torch",),
+    "test_store.py::test_not_a_model_directory": ("torch",),
+    "test_store.py::test_missing_component_file": ("torch",),
+    "test_store.py::test_missing_unexpected_misshaped_tensor": ("torch",),
+    "test_store.py::test_validation_happens_before_allocation": ("torch",),
+    # the reduced-precision checks of either backend compare with the PyTorch backend's float32 output
+    "test_clip_parity.py::test_reduced_precision_against_fp32_reference": ("torch",),
+    "test_prior_parity.py::test_reduced_precision_against_fp32": ("torch",),
+    "test_text_proj_parity.py::test_reduced_precision_against_fp32": ("torch",),
+    "test_unet_parity.py::test_reduced_precision_against_fp32": ("torch",),
+}
+
+# The slow tier, as "file::test[params]" patterns (fnmatch): the whole-cascade checks beyond one generate per
+# backend, the CLI's rerank / compare / image verbs, subprocess imports, and every float16 / bfloat16 check. The
+# fast tier (`-m "not slow"`) keeps the float32 parity of every component against its reference (CLIP towers,
+# prior, text_proj, decoder, super-res, scheduler), MLX vs PyTorch in float32, and generate against diffusers.
+SLOW = (
+    "test_sampling.py::test_backends_agree*",
+    "test_sampling.py::test_vary_matches_diffusers*",
+    "test_sampling.py::test_rerank_scores_sorted_and_recomputable*",
+    "test_sampling.py::test_interpolate_ends_and_edit_zero*",
+    "test_sampling.py::test_models_are_well_conditioned",
+    "test_cli_generate.py::test_generate_rerank_with_clip",
+    "test_cli_generate.py::test_vary_edit_interpolate",
+    "test_cli_generate.py::test_compare_table_image_and_exit_status",
+    "test_backends.py::test_import_with_one_backend*",
+    "*::test_reduced_precision_against_fp32*",
+    "*::test_mlx_matches_torch[*float16*",  # and bfloat16
+)
+
+
+_RESOLVE = {"first": set(BACKENDS[:1]), "auto": {AUTO} - {None}, "installed": set(BACKENDS)}
+
+
+def _backends_of(item) -> set[str]:
+    """The backends a test runs on (see RUNS_ON)."""
+    callspec = getattr(item, "callspec", None)
+    names = {callspec.params["backend"]} if callspec and "backend" in callspec.params else set()
+    if any(str(m.kwargs.get("reason", "")).startswith("needs both backends") for m in item.iter_markers("skipif")):
+        names |= {"torch", "mlx"}
+    for name in RUNS_ON.get(f"{item.path.name}::{item.originalname}", ()):
+        names |= _RESOLVE.get(name, {name})
+    return names
+
+
+def _check_tier_tables(items) -> None:
+    """Every RUNS_ON / SLOW entry names a test its (collected) file defines, so a renamed test cannot silently
+    leave its tier."""
+    modules = {item.path.name: item.module for item in items if item.module is not None}
+    for entry in (*RUNS_ON, *SLOW):
+        file, test = entry.split("::")
+        test = test.split("[")[0].rstrip("*")
+        if file in modules and not hasattr(modules[file], test):
+            raise pytest.UsageError(f"tests/conftest.py names {entry!r}, but {file} has no {test}; update it")
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by these markers
+def pytest_collection_modifyitems(config, items):
+    _check_tier_tables(items)
+    for item in items:
+        for name in sorted(_backends_of(item)):
+            item.add_marker(getattr(pytest.mark, name))
+        if any(fnmatch.fnmatchcase(f"{item.path.name}::{item.name}", p) for p in SLOW):
+            item.add_marker(pytest.mark.slow)
