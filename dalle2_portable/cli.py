@@ -82,8 +82,9 @@ def info(model, revision):
     for key, sched in spec.schedulers.items():
         click.echo(f"scheduler  {key}: {sched.prediction_type}, {sched.variance_type}, "
                    f"clip ±{sched.clip_sample_range:g}, {sched.num_train_timesteps} steps")
-    for key, value in spec.defaults.to_dict().items():
-        if value is not None:
+    for key, value in spec.defaults.to_dict().items():  # those of the stages the model has, and those set
+        stage = next((s for s in STAGES if key.startswith(f"{s}_")), None)
+        if value is not None and (stage is None or stage in spec.schedulers):
             click.echo(f"default    {key} = {value}")
 
 

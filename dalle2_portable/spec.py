@@ -1,4 +1,5 @@
-"""The backend-neutral model spec: one frozen dataclass per component config, plus the model directory's index.
+"""The backend-neutral model spec: one frozen dataclass per component config, the pipeline's defaults
+(`PipelineDefaults`), and the model directory's index (`ModelSpec`).
 
 Every size a module uses comes from these configs. Each config has exactly one translator from the reference
 library's `config.json` (`from_hf_config`), and every quirk of that format is handled and commented there.

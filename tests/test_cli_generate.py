@@ -100,6 +100,12 @@ def test_stage_options_are_pipeline_defaults():
     assert r.exit_code == 2 and "No such option '--super-res-guidance'" in r.output
 
 
+def test_info_shows_the_defaults_of_the_stages_the_model_has(models):
+    karlo, iv = (run("info", models[name]).output.splitlines() for name in ("karlo", "iv"))
+    assert "default    prior_steps = 25" in karlo and "default    super_res_sample_size = 16" in karlo
+    assert "default    decoder_guidance = 8.0" in iv and not any("prior_" in line for line in iv)
+
+
 def test_default_model_is_one_line(tmp_path):
     r = run("generate", "a cat", "-o", tmp_path / "x.png", ok=False)
     assert r.exit_code == 2 and r.output.startswith("error: ") and len(r.output.strip().splitlines()) == 1
