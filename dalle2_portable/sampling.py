@@ -20,7 +20,8 @@ import numpy as np
 from .clip import TextCondition
 from .errors import Dalle2Error
 from .schedule import UnCLIPSchedule, check_sampler
-from .unclip import decoder_attention_mask, prior_attention_mask, upscale_bicubic
+from .modules.prior import prior_attention_mask
+from .modules.unet import decoder_attention_mask
 
 F32 = np.float32
 
@@ -139,6 +140,44 @@ def sample_decoder(backend, text_proj, decoder, stage: Stage, image_embeddings: 
 
     x = _loop(stage, x, predict, noise, shared, progress, "decoder")
     return np.clip(x, -1.0, 1.0)
+
+
+# -- the super-res stage's input ------------------------------------------------------------------------------
+
+def _keys_cubic(x: np.ndarray, a: float = -0.5) -> np.ndarray:
+    """Keys' cubic convolution kernel; a = -0.5 is the one antialiased resampling uses (Pillow's, and torch's
+    `antialias=True` path), not the -0.75 of torch's plain bicubic."""
+    x = np.abs(x)
+    near = ((a + 2) * x - (a + 3)) * x * x + 1
+    far = ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+    return np.where(x < 1, near, np.where(x < 2, far, 0.0))
+
+
+def _resample_matrix(size_in: int, size_out: int) -> np.ndarray:
+    """(size_out, size_in) weights of antialiased bicubic resampling along one axis, as torch's
+    `interpolate(mode="bicubic", align_corners=False, antialias=True)` (and Pillow) build them: the kernel is
+    stretched by the downscale factor (never shrunk), cut at the image border and renormalised there."""
+    scale = size_in / size_out
+    stretch = max(scale, 1.0)
+    support = 2.0 * stretch
+    weights = np.zeros((size_out, size_in), dtype=np.float64)
+    for i in range(size_out):
+        center = scale * (i + 0.5)
+        lo = max(int(center - support + 0.5), 0)
+        hi = min(int(center + support + 0.5), size_in)
+        taps = _keys_cubic((np.arange(lo, hi) - center + 0.5) / stretch)
+        weights[i, lo:hi] = taps / taps.sum()
+    return weights
+
+
+def upscale_bicubic(images: np.ndarray, size: int) -> np.ndarray:
+    """(B, C, h, w) float -> (B, C, size, size) float32: the super-res stage's conditioning image, as diffusers'
+    UnCLIPPipeline makes it (`F.interpolate(..., mode="bicubic", align_corners=False, antialias=True)`).
+    Separable: rows then columns, each a matrix product."""
+    images = np.asarray(images, dtype=np.float32)
+    rows = _resample_matrix(images.shape[2], size).astype(np.float32)
+    cols = _resample_matrix(images.shape[3], size).astype(np.float32)
+    return np.ascontiguousarray(rows @ images @ cols.T, dtype=np.float32)
 
 
 def sample_super_res(backend, first, last, stage: Stage, images: np.ndarray, size: int, noise: NoiseStream,

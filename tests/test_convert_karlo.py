@@ -27,7 +27,7 @@ from dalle2_portable import store
 from dalle2_portable.cli import main
 from dalle2_portable.convert import karlo as karlo_layout
 from dalle2_portable.errors import Dalle2Error
-from dalle2_portable.unclip import decoder_attention_mask
+from dalle2_portable.modules.unet import decoder_attention_mask
 
 DIFFUSERS = {"prior": PriorTransformer, "text_proj": UnCLIPTextProjModel, "decoder": UNet2DConditionModel,
              "super_res_first": UNet2DModel, "super_res_last": UNet2DModel}

@@ -343,7 +343,7 @@ def test_upscale_bicubic_equals_torch_antialias(size_in, size_out):
     import torch
     import torch.nn.functional as F
 
-    from dalle2_portable.unclip import upscale_bicubic
+    from dalle2_portable.sampling import upscale_bicubic
 
     x = np.random.default_rng(0).uniform(-1, 1, (2, 3, size_in, size_in)).astype(np.float32)
     ref = F.interpolate(torch.from_numpy(x), size=[size_out, size_out], mode="bicubic", align_corners=False,

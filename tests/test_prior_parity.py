@@ -16,7 +16,7 @@ from diffusers import PriorTransformer as HFPrior
 from dalle2_portable.backends import get_backend
 from dalle2_portable.errors import Dalle2Error
 from dalle2_portable.spec import PriorConfig
-from dalle2_portable.unclip import prior_attention_mask
+from dalle2_portable.modules.prior import prior_attention_mask
 
 # measured worst relative error (max abs diff / max abs reference), CPU, these inputs: fp32 mlx 1.6e-7 (torch is
 # bit-identical to diffusers); fp16 torch 7.9e-4, mlx 8.9e-4, mlx vs torch 6.5e-4; bf16 torch 4.5e-3,

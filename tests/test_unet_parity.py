@@ -16,7 +16,7 @@ from diffusers import UNet2DConditionModel, UNet2DModel
 from dalle2_portable.backends import get_backend
 from dalle2_portable.errors import Dalle2Error
 from dalle2_portable.spec import UNet2DConditionConfig, UNet2DConfig
-from dalle2_portable.unclip import decoder_attention_mask
+from dalle2_portable.modules.unet import decoder_attention_mask
 
 # measured worst relative error (max abs diff / max abs reference), CPU, these inputs. fp32: decoder torch 8.5e-7,
 # mlx 2.3e-6; super-res torch 0 (bit-identical), mlx 1.8e-6. Against fp32 / mlx vs torch in the same dtype:

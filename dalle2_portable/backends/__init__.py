@@ -1,9 +1,11 @@
 """The Backend interface, the registry, and the `auto` rule.
 
-A backend owns what must differ between frameworks: its module trees (same class and attribute names in both,
-so the flattened parameter names are the canonical ones), array conversion to and from NumPy, layouts, dtypes
-and devices. Everything else (tokenising, preprocessing, pooling positions, sampling math) is NumPy code
-outside this package that hands NumPy arrays in and gets NumPy arrays back.
+A backend holds only what must differ between frameworks: its facade (`backends/<name>/facade.py`: the layers
+and the few operations the components in `dalle2_portable.modules` are written against) and its Backend class
+(array conversion to and from NumPy, weight layouts, dtypes, devices, and calling a module). The components
+themselves are defined once, in `modules/`; `build` makes their native module trees (real `torch.nn.Module` /
+`mlx.nn.Module`) with the canonical attribute names. Everything else (tokenising, preprocessing, sampling math)
+is NumPy code that hands NumPy arrays in and gets NumPy arrays back.
 
 Backends are imported lazily: `import dalle2_portable` works with only MLX or only PyTorch installed.
 """
@@ -21,11 +23,11 @@ from typing import Any
 import numpy as np
 
 from ..errors import Dalle2Error
+from ..modules import building
 
 DTYPES = ("float32", "float16", "bfloat16")
 
-# component type -> (file, class) inside each backend package. One table for both backends, so they cannot
-# disagree on which class implements a component, and the class names (hence the module trees) are shared.
+# component type -> (file in dalle2_portable/modules, class): the one definition every backend builds
 MODULES = {
     "clip_text": ("clip", "CLIPTextModelWithProjection"),
     "clip_vision": ("clip", "CLIPVisionModelWithProjection"),
@@ -55,13 +57,24 @@ class Backend(ABC):
         """The device to use ('cpu', 'cuda', 'gpu', ...); a device that is not there is a one-line error."""
 
     # -- modules ---------------------------------------------------------------------------------------------
-    def module_class(self, component_type: str) -> type:
-        """This backend's class for a component type: the same file and class name in every backend."""
+    @property
+    def facade(self):
+        """This backend's facade module (backends/<name>/facade.py), what the components are written against."""
+        return importlib.import_module(f"{type(self).__module__}.facade")
+
+    @staticmethod
+    def module_class(component_type: str) -> type:
+        """The backend-neutral class of a component type (dalle2_portable/modules)."""
         if component_type not in MODULES:
             raise Dalle2Error(f"no module for component type {component_type!r}; upgrade dalle2_portable")
         filename, class_name = MODULES[component_type]
-        package = type(self).__module__  # dalle2_portable.backends.<name>
-        return getattr(importlib.import_module(f"{package}.{filename}"), class_name)
+        return getattr(importlib.import_module(f"dalle2_portable.modules.{filename}"), class_name)
+
+    def new(self, component_type: str, config: Any):
+        """The component's native module tree on this backend's facade, with the framework's initial weights
+        (the caller chooses where they live: torch's device or meta context, MLX's lazy arrays)."""
+        with building(self.facade):
+            return self.module_class(component_type)(config)
 
     @abstractmethod
     def build(self, component_type: str, config: Any):
@@ -128,14 +141,6 @@ def installed() -> list[str]:
 
 def _is_apple_silicon() -> bool:
     return sys.platform == "darwin" and platform.machine() == "arm64"
-
-
-def _cuda_available() -> bool:
-    if "torch" not in installed():
-        return False
-    import torch  # only imported when it is installed, to look for CUDA
-
-    return torch.cuda.is_available()
 
 
 def auto_backend() -> str:

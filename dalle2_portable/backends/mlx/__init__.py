@@ -1,7 +1,8 @@
 """The MLX backend: Metal on Apple Silicon, CPU on Linux (`mlx[cpu]`).
 
 Layout: MLX convolutions are NHWC with weights (O, kH, kW, I); the weight files are canonical PyTorch layout
-(O, I, kH, kW). The transposes happen here at load/save and inside the modules at their NCHW inputs, nowhere else.
+(O, I, kH, kW). The weight transposes happen here at load/save; feature maps are transposed by the facade
+(facade.py `to_layout` / `from_layout`) where a component takes or returns NCHW, nowhere else.
 
 Linux BLAS: the `mlx[cpu]` wheel links the reference (Netlib) BLAS; a 1024x1024 fp32 matmul takes ~420 ms on 2
 cores. When Debian's OpenBLAS (`libopenblas0-pthread`) is present we load it with RTLD_GLOBAL *before*
@@ -84,7 +85,7 @@ class MLXBackend(Backend):
         return _DTYPES[self.dtype]
 
     def build(self, component_type, config):
-        module = self.module_class(component_type)(config)
+        module = self.new(component_type, config)
         module.set_dtype(self.mx_dtype)
         module.eval()
         with mx.stream(self.stream):
@@ -93,7 +94,7 @@ class MLXBackend(Backend):
 
     def parameter_shapes(self, component_type, config):
         # MLX is lazy: the random init is a graph that is never evaluated, so nothing is allocated here.
-        module = self.module_class(component_type)(config)
+        module = self.new(component_type, config)
         convs = _conv_weights(module)
         out = {}
         for name, p in tree_flatten(module.parameters()):
@@ -115,7 +116,7 @@ class MLXBackend(Backend):
         self._load(module, list(mx.load(str(path)).items()))
 
     def load_component(self, component_type, config, path):
-        module = self.module_class(component_type)(config)  # lazy init, replaced before it is ever evaluated
+        module = self.new(component_type, config)  # lazy init, replaced before it is ever evaluated
         module.eval()
         self.load_file(module, path)
         return module

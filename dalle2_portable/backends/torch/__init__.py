@@ -1,4 +1,5 @@
-"""The PyTorch backend: CUDA, MPS or CPU. Weights on disk are already in PyTorch layout."""
+"""The PyTorch backend: CUDA, MPS or CPU. Weights on disk are already in PyTorch layout; the components are
+modules/'s, built on facade.py."""
 
 from __future__ import annotations
 
@@ -36,12 +37,12 @@ class TorchBackend(Backend):
 
     def build(self, component_type, config):
         with torch.device(self.device):
-            module = self.module_class(component_type)(config)
+            module = self.new(component_type, config)
         return module.to(self.torch_dtype).eval()
 
     def parameter_shapes(self, component_type, config):
         with torch.device("meta"):  # shapes without allocating a byte
-            module = self.module_class(component_type)(config)
+            module = self.new(component_type, config)
         return {k: tuple(v.shape) for k, v in module.state_dict().items()}
 
     def load_weights(self, module, tensors):
@@ -57,7 +58,7 @@ class TorchBackend(Backend):
 
     def load_component(self, component_type, config, path):
         with torch.device("meta"):  # no random init to throw away: the file's tensors are assigned
-            module = self.module_class(component_type)(config)
+            module = self.new(component_type, config)
         self.load_file(module, path)
         return module.eval()
 

@@ -1,0 +1,117 @@
+"""The MLX facade (modules.FACADE names): MLX's own layers and ops; feature maps NHWC, MLX's convolution layout.
+
+Imported through the backend package, so the OpenBLAS preload in backends/mlx/__init__.py runs first.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+
+# -- layers ---------------------------------------------------------------------------------------------------
+class Module(nn.Module):
+    """mlx.nn.Module calling `forward`, the method the component classes define (as torch modules do)."""
+
+    def __call__(self, *args, **kwargs):
+        return self.forward(*args, **kwargs)
+
+
+Linear, Conv2d, LayerNorm, Embedding, Identity = nn.Linear, nn.Conv2d, nn.LayerNorm, nn.Embedding, nn.Identity
+
+
+def ModuleList(modules) -> list:  # MLX finds modules in plain lists
+    return list(modules)
+
+
+def GroupNorm(groups: int, channels: int, eps: float) -> nn.GroupNorm:
+    return nn.GroupNorm(groups, channels, eps=eps, pytorch_compatible=True)  # torch's channel grouping
+
+
+def Parameter(shape: tuple[int, ...], init: str = "zeros") -> mx.array:
+    """A weight that is not inside a layer: zeros, or standard normal (`init="normal"`). Lazy until evaluated."""
+    return mx.zeros(shape) if init == "zeros" else mx.random.normal(shape)
+
+
+# -- ops ------------------------------------------------------------------------------------------------------
+float32 = mx.float32
+exp, log, sin, cos, tanh, sqrt, sigmoid = mx.exp, mx.log, mx.sin, mx.cos, mx.tanh, mx.sqrt, mx.sigmoid
+gelu, silu = nn.gelu, nn.silu  # exact (erf) GELU
+maximum, where, broadcast_to, pad = mx.maximum, mx.where, mx.broadcast_to, mx.pad  # pad: NumPy-style widths
+
+
+def cast(x: mx.array, dtype) -> mx.array:
+    return x.astype(dtype)
+
+
+def constant(a: np.ndarray, like: mx.array) -> mx.array:
+    """A NumPy array as an MLX array (its own dtype kept; MLX has one memory for every device)."""
+    return mx.array(a)
+
+
+def arange(n: int, like: mx.array) -> mx.array:
+    return mx.arange(n)
+
+
+def cat(xs, axis: int) -> mx.array:
+    return mx.concatenate(xs, axis=axis)
+
+
+def split(x: mx.array, parts: int, axis: int):
+    return mx.split(x, parts, axis=axis)
+
+
+def permute(x: mx.array, axes) -> mx.array:
+    return x.transpose(*axes)
+
+
+def mean(x: mx.array, axis=None, keepdims: bool = False) -> mx.array:
+    return mx.mean(x, axis=axis, keepdims=keepdims)
+
+
+def sum(x: mx.array, axis=None, keepdims: bool = False) -> mx.array:  # noqa: A001 (the facade's name)
+    return mx.sum(x, axis=axis, keepdims=keepdims)
+
+
+def logsumexp(x: mx.array, axis: int, keepdims: bool = False) -> mx.array:
+    return mx.logsumexp(x, axis=axis, keepdims=keepdims)
+
+
+def sdpa(q, k, v, scale: float, causal: bool, mask):
+    """Scaled dot-product attention on (B, H, L, hd); `mask` additive or None."""
+    return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask="causal" if causal else mask)
+
+
+# -- layout: NHWC ---------------------------------------------------------------------------------------------
+CHANNELS = -1
+
+
+def to_layout(x: mx.array) -> mx.array:  # canonical NCHW -> NHWC
+    return x.transpose(0, 2, 3, 1)
+
+
+def from_layout(x: mx.array) -> mx.array:  # NHWC -> canonical NCHW
+    return x.transpose(0, 3, 1, 2)
+
+
+def channel_vector(t: mx.array) -> mx.array:  # (B, C) -> broadcastable over a feature map
+    return t[:, None, None, :]
+
+
+def flatten_spatial(x: mx.array) -> mx.array:  # feature map -> (B, HW, C), row-major positions
+    return x.reshape(x.shape[0], -1, x.shape[-1])
+
+
+def unflatten_spatial(seq: mx.array, shape) -> mx.array:  # (B, HW, C) -> a feature map of `shape`
+    return seq.reshape(shape)
+
+
+def avg_pool2(x: mx.array) -> mx.array:  # 2x2 average pool
+    b, h, w, c = x.shape
+    return x.reshape(b, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
+
+
+def upsample2(x: mx.array) -> mx.array:  # nearest, 2x
+    b, h, w, c = x.shape
+    return mx.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c)).reshape(b, 2 * h, 2 * w, c)

@@ -1,0 +1,108 @@
+"""The PyTorch facade (modules.FACADE names): torch's own layers and ops; feature maps NCHW, torch's layout."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as tF
+from torch import nn
+
+# -- layers ---------------------------------------------------------------------------------------------------
+Module, ModuleList, Linear, Conv2d, LayerNorm, Embedding, Identity = (
+    nn.Module, nn.ModuleList, nn.Linear, nn.Conv2d, nn.LayerNorm, nn.Embedding, nn.Identity)
+
+
+def GroupNorm(groups: int, channels: int, eps: float) -> nn.GroupNorm:
+    return nn.GroupNorm(groups, channels, eps=eps)
+
+
+def Parameter(shape: tuple[int, ...], init: str = "zeros") -> nn.Parameter:
+    """A weight that is not inside a layer: zeros, or standard normal (`init="normal"`)."""
+    return nn.Parameter(torch.zeros(shape) if init == "zeros" else torch.empty(shape).normal_())
+
+
+# -- ops ------------------------------------------------------------------------------------------------------
+float32 = torch.float32
+exp, log, sin, cos, tanh, sqrt, sigmoid = torch.exp, torch.log, torch.sin, torch.cos, torch.tanh, torch.sqrt, \
+    torch.sigmoid
+gelu, silu = tF.gelu, tF.silu  # exact (erf) GELU
+maximum, where, broadcast_to = torch.maximum, torch.where, torch.broadcast_to
+
+
+def cast(x: torch.Tensor, dtype) -> torch.Tensor:
+    return x.to(dtype)
+
+
+def constant(a: np.ndarray, like: torch.Tensor) -> torch.Tensor:
+    """A NumPy array as a tensor on `like`'s device (its own dtype kept)."""
+    return torch.from_numpy(a).to(like.device)
+
+
+def arange(n: int, like: torch.Tensor) -> torch.Tensor:
+    return torch.arange(n, device=like.device)
+
+
+def cat(xs, axis: int) -> torch.Tensor:
+    return torch.cat(xs, dim=axis)
+
+
+def split(x: torch.Tensor, parts: int, axis: int):
+    return x.chunk(parts, dim=axis)
+
+
+def permute(x: torch.Tensor, axes) -> torch.Tensor:
+    return x.permute(*axes)
+
+
+def pad(x: torch.Tensor, widths) -> torch.Tensor:
+    """Zero padding with NumPy's per-axis (before, after) widths."""
+    return tF.pad(x, [w for before_after in reversed(widths) for w in before_after])
+
+
+def mean(x: torch.Tensor, axis=None, keepdims: bool = False) -> torch.Tensor:
+    return x.mean() if axis is None else x.mean(dim=axis, keepdim=keepdims)
+
+
+def sum(x: torch.Tensor, axis=None, keepdims: bool = False) -> torch.Tensor:  # noqa: A001 (the facade's name)
+    return x.sum() if axis is None else x.sum(dim=axis, keepdim=keepdims)
+
+
+def logsumexp(x: torch.Tensor, axis: int, keepdims: bool = False) -> torch.Tensor:
+    return torch.logsumexp(x, dim=axis, keepdim=keepdims)
+
+
+def sdpa(q, k, v, scale: float, causal: bool, mask):
+    """Scaled dot-product attention on (B, H, L, hd); `mask` additive or None."""
+    return tF.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
+
+
+# -- layout: NCHW ---------------------------------------------------------------------------------------------
+CHANNELS = 1
+
+
+def to_layout(x: torch.Tensor) -> torch.Tensor:  # canonical NCHW -> this layout
+    return x
+
+
+def from_layout(x: torch.Tensor) -> torch.Tensor:  # this layout -> canonical NCHW
+    return x
+
+
+def channel_vector(t: torch.Tensor) -> torch.Tensor:  # (B, C) -> broadcastable over a feature map
+    return t[:, :, None, None]
+
+
+def flatten_spatial(x: torch.Tensor) -> torch.Tensor:  # feature map -> (B, HW, C), row-major positions
+    return x.reshape(x.shape[0], x.shape[1], -1).transpose(1, 2)
+
+
+def unflatten_spatial(seq: torch.Tensor, shape) -> torch.Tensor:  # (B, HW, C) -> a feature map of `shape`
+    return seq.transpose(1, 2).reshape(shape)
+
+
+def avg_pool2(x: torch.Tensor) -> torch.Tensor:  # 2x2 average pool
+    return tF.avg_pool2d(x, kernel_size=2, stride=2)
+
+
+def upsample2(x: torch.Tensor) -> torch.Tensor:  # nearest, 2x
+    return tF.interpolate(x, scale_factor=2.0, mode="nearest")
