@@ -48,6 +48,31 @@ class UnCLIPSchedule:
         # torch's float32 cumprod accumulates in float64 on CPU; so do we, then round once (bit-identical)
         self.alphas_cumprod = np.cumprod(self.alphas.astype(np.float64)).astype(F32)
 
+    def training_terms(self, t: np.ndarray) -> dict[str, np.ndarray]:
+        """The single-step (t -> t-1) quantities a training loss needs at the (B,) timesteps t, as (B,) float32
+        (improved DDPM's GaussianDiffusion, computed in float64 then rounded once): the forward process
+        `sqrt_alphas_cumprod`, `sqrt_one_minus_alphas_cumprod`; x0 from epsilon, x0 = `sqrt_recip_alphas_cumprod`
+        x_t - `sqrt_recipm1_alphas_cumprod` eps; the posterior q(x_{t-1} | x_t, x0) mean = `posterior_mean_coef1`
+        x0 + `posterior_mean_coef2` x_t and `posterior_log_variance_clipped` (t = 0 takes t = 1's, as there);
+        and `log_betas`, the upper end of a learned_range variance."""
+        t = np.asarray(t, np.int64)
+        if t.ndim != 1 or t.min(initial=0) < 0 or t.max(initial=0) >= self.config.num_train_timesteps:
+            raise Dalle2Error(f"training timesteps must be a (batch,) array in [0, {self.config.num_train_timesteps})")
+        betas, ac = self.betas.astype(np.float64), self.alphas_cumprod.astype(np.float64)
+        ac_prev = np.append(1.0, ac[:-1])
+        posterior_variance = betas * (1.0 - ac_prev) / (1.0 - ac)
+        terms = {
+            "sqrt_alphas_cumprod": np.sqrt(ac),
+            "sqrt_one_minus_alphas_cumprod": np.sqrt(1.0 - ac),
+            "sqrt_recip_alphas_cumprod": np.sqrt(1.0 / ac),
+            "sqrt_recipm1_alphas_cumprod": np.sqrt(1.0 / ac - 1.0),
+            "posterior_mean_coef1": betas * np.sqrt(ac_prev) / (1.0 - ac),
+            "posterior_mean_coef2": (1.0 - ac_prev) * np.sqrt(self.alphas.astype(np.float64)) / (1.0 - ac),
+            "posterior_log_variance_clipped": np.log(np.append(posterior_variance[1], posterior_variance[1:])),
+            "log_betas": np.log(betas),
+        }
+        return {k: v[t].astype(F32) for k, v in terms.items()}
+
     def timesteps(self, num_inference_steps: int) -> np.ndarray:
         """The descending int64 timesteps `UnCLIPScheduler.set_timesteps` makes: round(i * (T-1)/(n-1)) for
         i < n (NumPy rounding, half to even), reversed. n = 25 gives 999, 957, ..., 42, 0."""

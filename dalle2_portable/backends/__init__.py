@@ -18,6 +18,7 @@ import os
 import platform
 import sys
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -104,13 +105,25 @@ class Backend(ABC):
 
     def arrays(self, inputs) -> list:
         """`array` over call inputs: None stays None (an optional input left out, e.g. a mask); Python scalars
-        and bools become 0-d arrays (e.g. text_proj's CFG flag)."""
-        return [None if x is None else self.array(np.ascontiguousarray(x)) for x in inputs]
+        and bools become 0-d arrays (e.g. text_proj's CFG flag); a dict of arrays becomes a dict of arrays."""
+        def one(x):
+            if isinstance(x, dict):
+                return dict(zip(x, self.arrays(x.values())))
+            return None if x is None else self.array(np.ascontiguousarray(x))
+
+        return [one(x) for x in inputs]
 
     @abstractmethod
     def run(self, module, *inputs: np.ndarray) -> tuple[np.ndarray, ...]:
         """Call `module` on NumPy inputs (floats cast to the compute dtype, integers and bools kept, None passed
         as None), without gradients, and return its outputs as float32 NumPy arrays."""
+
+    @abstractmethod
+    def value_and_grad(self, module, loss_fn: Callable) -> Callable[..., tuple[float, dict[str, np.ndarray]]]:
+        """The training seam: `fn(*inputs)` computes `loss_fn(F, module, *arrays)` (F this backend's facade; the
+        NumPy inputs converted as `run` converts them, dicts of arrays included) with gradients, by the
+        framework's own autograd, and returns (the loss as a float, {canonical name: d loss / d weight as float32
+        NumPy in canonical layout}) for every weight of `module`. The loss must be a 0-d array."""
 
     def load_component(self, component_type: str, config: Any, path: str):
         """Build a component and load its weights (the caller validated the file with `store.validate`)."""

@@ -33,8 +33,8 @@ FACADE = {
     "layers": ("Module", "ModuleList", "Linear", "Conv2d", "LayerNorm", "GroupNorm", "Embedding", "Identity",
                "Parameter"),
     "ops": ("float32", "cast", "constant", "arange", "cat", "split", "permute", "pad", "broadcast_to", "exp",
-            "log", "sin", "cos", "tanh", "sqrt", "sigmoid", "gelu", "silu", "maximum", "where", "mean", "sum",
-            "logsumexp", "sdpa"),
+            "log", "sin", "cos", "tanh", "sqrt", "sigmoid", "gelu", "silu", "clip", "where", "mean", "sum",
+            "logsumexp", "stop_gradient", "sdpa"),
     "layout": ("CHANNELS", "to_layout", "from_layout", "channel_vector", "flatten_spatial", "unflatten_spatial",
                "avg_pool2", "upsample2"),
 }

@@ -38,7 +38,11 @@ def Parameter(shape: tuple[int, ...], init: str = "zeros") -> mx.array:
 float32 = mx.float32
 exp, log, sin, cos, tanh, sqrt, sigmoid = mx.exp, mx.log, mx.sin, mx.cos, mx.tanh, mx.sqrt, mx.sigmoid
 gelu, silu = nn.gelu, nn.silu  # exact (erf) GELU
-maximum, where, broadcast_to, pad = mx.maximum, mx.where, mx.broadcast_to, mx.pad  # pad: NumPy-style widths
+where, broadcast_to, pad, stop_gradient = mx.where, mx.broadcast_to, mx.pad, mx.stop_gradient  # pad: NumPy's widths
+
+
+def clip(x: mx.array, lo=None, hi=None) -> mx.array:  # bounds are Python numbers or None
+    return mx.clip(x, lo, hi)
 
 
 def cast(x: mx.array, dtype) -> mx.array:

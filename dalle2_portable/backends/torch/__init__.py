@@ -76,5 +76,19 @@ class TorchBackend(Backend):
         out = out if isinstance(out, tuple) else (out,)
         return tuple(o.float().cpu().numpy() for o in out)
 
+    def value_and_grad(self, module, loss_fn):
+        facade, weights = self.facade, dict(module.named_parameters())
+
+        def fn(*inputs):
+            args = self.arrays(inputs)
+            module.zero_grad(set_to_none=True)
+            with torch.enable_grad():
+                loss = loss_fn(facade, module, *args)
+                loss.backward()
+            grads = {k: torch.zeros_like(w) if w.grad is None else w.grad for k, w in weights.items()}
+            return float(loss.detach()), {k: g.detach().float().cpu().numpy() for k, g in grads.items()}
+
+        return fn
+
 
 BACKEND = TorchBackend

@@ -26,7 +26,15 @@ float32 = torch.float32
 exp, log, sin, cos, tanh, sqrt, sigmoid = torch.exp, torch.log, torch.sin, torch.cos, torch.tanh, torch.sqrt, \
     torch.sigmoid
 gelu, silu = tF.gelu, tF.silu  # exact (erf) GELU
-maximum, where, broadcast_to = torch.maximum, torch.where, torch.broadcast_to
+where, broadcast_to = torch.where, torch.broadcast_to
+
+
+def clip(x: torch.Tensor, lo=None, hi=None) -> torch.Tensor:  # bounds are Python numbers or None
+    return torch.clamp(x, lo, hi)
+
+
+def stop_gradient(x: torch.Tensor) -> torch.Tensor:
+    return x.detach()
 
 
 def cast(x: torch.Tensor, dtype) -> torch.Tensor:
