@@ -305,7 +305,7 @@ _HF_UNET_DEFAULTS = dict(sample_size=None, flip_sin_to_cos=True, freq_shift=0, l
 class _UNetConfig(_Config):
     """What the two diffusers UNets share (decoder and super-res): sizes and time conditioning, here with the
     values both of Karlo's UNets have. Block types are diffusers' names (in the subclasses);
-    `unclip.unet_blocks` turns a config into per-block channel plans."""
+    `modules.unet.unet_blocks` turns a config into per-block channel plans."""
 
     DOWN: ClassVar[tuple[str, ...]]  # the block types we implement, per position
     MID: ClassVar[tuple[str, ...]]
@@ -612,10 +612,6 @@ class ModelSpec:
     image_processor: ImageProcessorConfig | None = None
     schedulers: dict[str, SchedulerConfig] = field(default_factory=dict)  # prior / decoder / super_res
     defaults: PipelineDefaults = field(default_factory=PipelineDefaults)
-
-    def __post_init__(self):
-        if isinstance(self.defaults, dict):  # its JSON form, read strictly (convert/clip.py passes one)
-            object.__setattr__(self, "defaults", PipelineDefaults.from_dict(self.defaults))
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -110,6 +110,7 @@ RUNS_ON = {
     "test_prior_parity.py::test_reduced_precision_against_fp32": ("torch",),
     "test_text_proj_parity.py::test_reduced_precision_against_fp32": ("torch",),
     "test_unet_parity.py::test_reduced_precision_against_fp32": ("torch",),
+    "test_modules.py::test_mx_compile_runs_the_tree": ("mlx",),
 }
 
 # The slow tier, as "file::test[params]" patterns (fnmatch): the whole-cascade checks beyond one generate per

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .. import store
-from ..spec import ImageProcessorConfig, ModelSpec, Source
+from ..spec import ImageProcessorConfig, ModelSpec, PipelineDefaults, Source
 from .files import read_json, tokenizer_config_from_hf, write_clip_components, write_tokenizer_files
 
 LAYOUT = "transformers-clip"
@@ -36,6 +36,6 @@ def convert_clip(src: Path, out: Path, source: Source, dtype: str, variant: str 
         pre = src / "preprocessor_config.json"
         processor = ImageProcessorConfig.from_hf_config(read_json(pre)) if pre.is_file() else ImageProcessorConfig()
     spec = ModelSpec(source=source, components=components, tokenizer=tokenizer, image_processor=processor,
-                     defaults=defaults)
+                     defaults=PipelineDefaults(**defaults))
     store.write_spec(out, spec)
     return spec
