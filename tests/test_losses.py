@@ -39,7 +39,7 @@ def test_training_terms_agree_with_the_sampler():
         mean, _ = SCHEDULE.step(out, int(t), x_t[i:i + 1], None, np.zeros_like(x0[:1]))
         x0_hat = terms["sqrt_recip_alphas_cumprod"][i] * x_t[i] - terms["sqrt_recipm1_alphas_cumprod"][i] * eps[i]
         ours = terms["posterior_mean_coef1"][i] * x0_hat + terms["posterior_mean_coef2"][i] * x_t[i]
-        assert_close_to_scale(ours, mean[0], 2e-5, f"posterior mean t={t}")
+        assert_close_to_scale(ours, mean[0], 1e-6, f"posterior mean t={t}")  # measured 1.3e-7
         frac = (v[i] + 1) / 2
         log_var = frac * terms["log_betas"][i] + (1 - frac) * terms["posterior_log_variance_clipped"][i]
         sigma = SCHEDULE.log_sigma(int(t), int(t) - 1, v[i])
