@@ -5,6 +5,7 @@ and leave nothing behind."""
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import shutil
@@ -174,6 +175,34 @@ def test_hub_downloads_are_pinned_and_bin_only_where_no_safetensors(karlo, monke
     assert "decoder/diffusion_pytorch_model.safetensors" in calls[1][1]
     assert not any(p.endswith(".bin") for p in calls[1][1])
     assert "decoder/diffusion_pytorch_model.bin" in calls[2][1] and "text_encoder/pytorch_model.bin" in calls[2][1]
+
+
+def test_model_directory_on_the_hub_downloads_what_its_model_json_names(models, tmp_path, monkeypatch):
+    """A repo that holds a converted model directory loads by id; the download each call asks for is all it
+    gets (each call's answer is a fresh folder holding only the files its patterns match, as a fresh Hub cache
+    would), so weights that nobody asked for cannot be found by accident."""
+    repo = "someone/tiny-unclip"
+    put_in_hub_cache(models["karlo"], repo, Path(os.environ["HF_HUB_CACHE"]))
+    real = huggingface_hub.snapshot_download
+    calls = []
+
+    def only_what_was_asked(repo_id, revision=None, allow_patterns=None, **kw):
+        full = Path(real(repo_id, revision=revision, allow_patterns=allow_patterns, **kw))
+        out = tmp_path / f"download-{len(calls)}" / full.name  # named by its commit, as a snapshot is
+        calls.append(allow_patterns)
+        for p in full.rglob("*"):
+            rel = p.relative_to(full).as_posix()
+            if p.is_file() and any(fnmatch.fnmatchcase(rel, pat) for pat in allow_patterns):
+                (out / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(p, out / rel)
+        return str(out)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", only_what_was_asked)
+    pipe = d2.load_pipeline(repo, backend=BACKENDS[0])
+    assert not any(p.endswith(".safetensors") for p in calls[0])  # the probe fetches index files only
+    assert "decoder.safetensors" in calls[1] and "tokenizer/*" in calls[1]
+    out = pipe.generate("a red cube", decoder_steps=2, prior_steps=2, super_res_steps=2)
+    assert out.images[0].size == (16, 16)
 
 
 @pytest.mark.parametrize("form,repo,tower", [("bin", "kakaobrain/karlo-v1-alpha", "prior"),

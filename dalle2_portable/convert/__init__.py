@@ -141,8 +141,12 @@ def resolve_model(model: str | os.PathLike, revision: str | None = None, variant
         return path
     probed = probe(model, revision)
     snap = probed.snap
-    if probed.layout == MODEL_DIR:
-        return snap.path
+    if probed.layout == MODEL_DIR:  # a model directory on the Hub: the files its model.json names, at the commit
+        if snap.is_local:
+            return snap.path
+        spec = store.read_spec(snap.path)
+        names = [store.MODEL_JSON, *(c.weights for c in spec.components.values())]
+        return download(snap.repo, snap.revision, names + (["tokenizer/*"] if spec.tokenizer else [])).path
     suffix = f"-{variant}" if variant else ""
     if snap.is_local:
         target = cache_dir() / "local" / f"{snap.path.name}-{_fingerprint(snap.path)}{suffix}"
