@@ -112,6 +112,10 @@ RUNS_ON = {
     "test_text_proj_parity.py::test_reduced_precision_against_fp32": ("torch",),
     "test_unet_parity.py::test_reduced_precision_against_fp32": ("torch",),
     "test_modules.py::test_mx_compile_runs_the_tree": ("mlx",),
+    "test_data.py::test_cache_equals_clip_run_directly_and_is_reused": ("first",),
+    "test_data.py::test_changing_the_data_or_the_clip_invalidates_the_cache": ("first",),
+    "test_data.py::test_text_only_clip_caches_text_and_says_images_are_missing": ("first",),
+    "test_data.py::test_an_interrupted_cache_leaves_no_file": ("first",),
 }
 
 # The slow tier, as "file::test[params]" patterns (fnmatch): the whole-cascade checks beyond one generate per
