@@ -125,6 +125,31 @@ class Backend(ABC):
         framework's own autograd, and returns (the loss as a float, {canonical name: d loss / d weight as float32
         NumPy in canonical layout}) for every weight of `module`. The loss must be a 0-d array."""
 
+    @abstractmethod
+    def train_step(self, module, loss_fn: Callable, settings):
+        """One optimiser step as a callable: `step(*inputs, lr=...)` -> the loss (float). The loss
+        `loss_fn(F, module, *arrays)` is differentiated by the framework's autograd, the gradients clipped to
+        `settings.max_grad_norm` (train/optim.py `AdamW`) and applied by the framework's AdamW, set up so both
+        backends make the same update. `step.state()` / `step.load_state(d)`: the optimiser's step count and
+        moments as {"step", "m.<name>", "v.<name>"} float32 NumPy in canonical names and layout, so a
+        checkpoint from one backend resumes on the other; `step.grad_norm`: the last gradient norm."""
+
+    @abstractmethod
+    def weights(self, module) -> dict:
+        """{canonical name: the live weight array}, in this backend's layout, outside any autograd graph."""
+
+    @abstractmethod
+    def to_numpy(self, module, arrays: dict) -> dict[str, np.ndarray]:
+        """Arrays named and laid out as `module`'s weights -> float32 NumPy in canonical layout."""
+
+    @abstractmethod
+    def from_numpy(self, module, tensors: dict[str, np.ndarray]) -> dict:
+        """The reverse of `to_numpy`: canonical NumPy -> arrays in this backend's layout and compute dtype."""
+
+    @abstractmethod
+    def sync(self, arrays) -> None:
+        """Make sure arrays computed outside a step are computed (MLX is lazy; torch is not)."""
+
     def load_component(self, component_type: str, config: Any, path: str):
         """Build a component and load its weights (the caller validated the file with `store.validate`)."""
         module = self.build(component_type, config)

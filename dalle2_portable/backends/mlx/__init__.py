@@ -45,6 +45,7 @@ from mlx.utils import tree_flatten  # noqa: E402
 
 from ...errors import Dalle2Error  # noqa: E402
 from .. import Backend  # noqa: E402
+from .train import MLXTrainStep  # noqa: E402
 
 _DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
@@ -122,9 +123,7 @@ class MLXBackend(Backend):
         return module
 
     def state_dict(self, module):
-        convs = _conv_weights(module)
-        return {k: np.array(_to_canonical_layout(k, v, convs).astype(mx.float32))
-                for k, v in tree_flatten(module.parameters())}
+        return self.to_numpy(module, self.weights(module))
 
     def array(self, x):
         a = mx.array(x)
@@ -152,6 +151,24 @@ class MLXBackend(Backend):
                                  for k, g in tree_flatten(grads)}
 
         return fn
+
+    def train_step(self, module, loss_fn, settings):
+        return MLXTrainStep(self, module, loss_fn, settings)
+
+    def weights(self, module):
+        return dict(tree_flatten(module.parameters()))
+
+    def to_numpy(self, module, arrays):
+        convs = _conv_weights(module)
+        return {k: np.array(_to_canonical_layout(k, v, convs).astype(mx.float32)) for k, v in arrays.items()}
+
+    def from_numpy(self, module, tensors):
+        convs = _conv_weights(module)
+        return {k: _to_mlx_layout(k, mx.array(np.ascontiguousarray(v)), convs).astype(self.mx_dtype)
+                for k, v in tensors.items()}
+
+    def sync(self, arrays) -> None:
+        mx.eval(arrays)  # MLX is lazy: evaluate, so that a graph does not grow over steps
 
 
 BACKEND = MLXBackend

@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 
 from ...errors import Dalle2Error
 from .. import Backend
+from .train import TorchTrainStep
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -46,9 +47,7 @@ class TorchBackend(Backend):
         return {k: tuple(v.shape) for k, v in module.state_dict().items()}
 
     def load_weights(self, module, tensors):
-        sd = {k: torch.from_numpy(np.ascontiguousarray(v)).to(self.device, self.torch_dtype)
-              for k, v in tensors.items()}
-        module.load_state_dict(sd, strict=True)
+        module.load_state_dict(self.from_numpy(module, tensors), strict=True)
 
     def load_file(self, module, path):
         # Each tensor is read once, cast, and assigned in place of the random init (no second copy).
@@ -63,7 +62,7 @@ class TorchBackend(Backend):
         return module.eval()
 
     def state_dict(self, module):
-        return {k: v.detach().float().cpu().numpy() for k, v in module.state_dict().items()}
+        return self.to_numpy(module, module.state_dict())
 
     def array(self, x):
         t = torch.from_numpy(x)
@@ -89,6 +88,22 @@ class TorchBackend(Backend):
             return float(loss.detach()), {k: g.detach().float().cpu().numpy() for k, g in grads.items()}
 
         return fn
+
+    def train_step(self, module, loss_fn, settings):
+        return TorchTrainStep(self, module, loss_fn, settings)
+
+    def weights(self, module):
+        return {k: p.detach() for k, p in module.named_parameters()}
+
+    def to_numpy(self, module, arrays):
+        return {k: v.detach().float().cpu().numpy() for k, v in arrays.items()}
+
+    def from_numpy(self, module, tensors):
+        return {k: torch.from_numpy(np.ascontiguousarray(v)).to(self.device, self.torch_dtype)
+                for k, v in tensors.items()}
+
+    def sync(self, arrays) -> None:
+        pass  # torch runs eagerly
 
 
 BACKEND = TorchBackend
