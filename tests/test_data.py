@@ -18,8 +18,8 @@ from PIL import Image
 import dalle2_portable as d2
 from dalle2_portable.errors import Dalle2Error
 from dalle2_portable.images import to_pil
-from dalle2_portable.train.data import (BadRecordWarning, ImageFolder, cache_embeddings, embedding_size,
-                                        to_pixels)
+from dalle2_portable.train.data import (BadRecordWarning, ImageFolder, cache_embeddings, cache_path,
+                                        embedding_size, to_pixels)
 from dalle2_portable.train.shapes import COLOURS, POSITIONS, SHAPES, SIZES, TEMPLATES, ShapesDataset
 
 FILL = {"circle": math.pi / 4, "square": 1.0, "triangle": 0.5}
@@ -228,6 +228,8 @@ def test_no_usable_record_is_one_line(tmp_path):
         ImageFolder(tmp_path)
     with pytest.raises(Dalle2Error, match="does not exist"):
         ImageFolder(tmp_path / "nowhere")
+    with pytest.raises(Dalle2Error, match="at least 8 px"):
+        ImageFolder(tmp_path / "data", size=0)
 
 
 def test_folder_fingerprint_follows_files_and_captions(tmp_path):
@@ -276,7 +278,8 @@ def _spy(monkeypatch, clip, name, calls):
 def test_cache_equals_clip_run_directly_and_is_reused(clips, tmp_path, monkeypatch):
     clip, ds = _load(clips["clip"]), ShapesDataset(7, seed=0, size=16)
     emb = cache_embeddings(ds, clip, tmp_path / "cache", batch_size=3)
-    assert not emb.loaded and emb.path.is_file() and [p.name for p in (tmp_path / "cache").iterdir()] == [emb.path.name]
+    assert not emb.loaded and [p.name for p in (tmp_path / "cache").iterdir()] == [emb.path.name]
+    assert emb.path == cache_path(ds, clip, tmp_path / "cache")
     captions = [ds.caption(i) for i in range(len(ds))]
     want = clip.text_condition(captions)
     side = embedding_size(clip)

@@ -44,17 +44,20 @@ class Dataset(ABC):
     size: int  # the training size, in pixels (square)
 
     @abstractmethod
-    def __len__(self) -> int: ...
+    def __len__(self) -> int:
+        """The number of items."""
 
     @abstractmethod
-    def caption(self, i: int) -> str: ...
+    def caption(self, i: int) -> str:
+        """Item i's caption."""
 
     @abstractmethod
     def image(self, i: int, size: int | None = None) -> Image.Image:
         """Item i as an RGB PIL image of `size` x `size` px (default: the dataset's size)."""
 
     @abstractmethod
-    def fingerprint(self) -> str: ...
+    def fingerprint(self) -> str:
+        """A short stable string that changes when any item's picture or caption may have changed."""
 
     @abstractmethod
     def describe(self) -> str:
@@ -162,6 +165,9 @@ class ImageFolder(Dataset):
     resized to the training size (`ImageOps.fit`, Lanczos)."""
 
     def __init__(self, directory: str | Path, size: int = 64, strict: bool = False, warn: bool = True):
+        if int(size) < 8:
+            raise Dalle2Error(f"image folder: the training size must be at least 8 px, got {size}; pass a larger "
+                              "size")
         self.directory, self.size = Path(directory), int(size)
         self.records, self.problems = read_metadata(self.directory, strict)
         if warn:
@@ -251,7 +257,11 @@ class Embeddings:
 
 def cache_path(dataset: Dataset, clip: CLIP, directory: str | Path) -> Path:
     """Where the embeddings of `dataset` under `clip` are cached: the name holds both fingerprints."""
-    return Path(directory) / f"clip-embeddings-{dataset.fingerprint()}-{clip_identity(clip)}.safetensors"
+    return _cache_file(directory, dataset.fingerprint(), clip_identity(clip))
+
+
+def _cache_file(directory: str | Path, data_key: str, clip_key: str) -> Path:
+    return Path(directory) / f"clip-embeddings-{data_key}-{clip_key}.safetensors"
 
 
 def embedding_size(clip: CLIP) -> int:
@@ -272,15 +282,16 @@ def cache_embeddings(dataset: Dataset, clip: CLIP, directory: str | Path, batch_
     does not match the dataset's length is computed again and replaced."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    path = cache_path(dataset, clip, directory)
+    data_key, clip_key = dataset.fingerprint(), clip_identity(clip)
+    path = _cache_file(directory, data_key, clip_key)
     has_images = "image_encoder" in clip.modules
     arrays = _read_cache(path, len(dataset), has_images)
     loaded = arrays is not None
     if not loaded:
         arrays = _compute(dataset, clip, max(1, int(batch_size)), progress)
         source = clip.spec.source
-        metadata = {"format": CACHE_FORMAT, "dataset": dataset.describe(), "dataset_fingerprint":
-                    dataset.fingerprint(), "clip_identity": clip_identity(clip), "clip_model":
+        metadata = {"format": CACHE_FORMAT, "dataset": dataset.describe(), "dataset_fingerprint": data_key,
+                    "clip_identity": clip_key, "clip_model":
                     str(Path(clip.model_dir).absolute()), "clip_source": f"{source.repo}@{source.revision}",
                     "dtype": clip.backend.dtype, "count": str(len(dataset))}
         blob = safetensors_bytes(arrays, metadata=metadata)
