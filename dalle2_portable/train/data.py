@@ -72,7 +72,10 @@ def to_pixels(images: list[Image.Image]) -> np.ndarray:
     """RGB PIL images of one size -> float32 (B, 3, H, W) in [-1, 1]: u8 / 127.5 - 1, the inverse of
     `images.to_pil`'s rounding (so to_pil(to_pixels([im])[0]) is `im` again)."""
     u8 = np.stack([np.asarray(im.convert("RGB"), dtype=np.uint8) for im in images])  # (B, H, W, 3)
-    return (u8.astype(np.float32) / np.float32(127.5) - np.float32(1.0)).transpose(0, 3, 1, 2).copy()
+    x = np.ascontiguousarray(u8.transpose(0, 3, 1, 2), dtype=np.float32)
+    x /= np.float32(127.5)
+    x -= np.float32(1.0)
+    return x
 
 
 # ------------------------------------------------------------------------------------------- the image folder
