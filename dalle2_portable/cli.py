@@ -298,5 +298,46 @@ def compare(prompt, model, revision, backends, dtype, seed, num_images, toleranc
     if not ok:
         sys.exit(1)
 
+
+@main.command()
+@click.argument("stage", type=click.Choice(["prior"]))
+@click.option("--data", required=True, help="`shapes` (the procedural shapes data) or a folder with metadata.jsonl "
+              "(file_name + text per line).")
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False),
+              help="The run directory: checkpoints, metrics.jsonl, and the result in OUT/model.")
+@click.option("--model", "-m", required=True, help="The base model (Hub id or model directory): its CLIP encodes "
+              "the data, and the result is it with the trained stage.")
+@click.option("--config", type=click.Choice(["tiny", "small"]), default=None,
+              help="Train the stage from scratch at this size (default: fine-tune the base model's).")
+@click.option("--steps", type=click.IntRange(min=1), default=1000, show_default=True, help="The run's total steps.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=3e-4, show_default=True,
+              help="Peak learning rate (linear warm-up, then cosine decay to 0 at --steps).")
+@click.option("--warmup", type=click.IntRange(min=1), default=50, show_default=True)
+@click.option("--cond-drop", type=click.FloatRange(0, 1, max_open=True), default=0.1, show_default=True,
+              help="Probability of training a caption as the empty one (classifier-free guidance).")
+@click.option("--checkpoint-every", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option("--data-size", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="Items of the shapes data.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the run's one NumPy generator.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint (on any backend).")
+@click.option("--stop-at", type=click.IntRange(min=1), default=None,
+              help="Checkpoint and stop after this step (continue later with --resume).")
+@click.option("--backend", type=BACKENDS, default="auto", show_default=True)
+@click.option("--device", default=None)
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def train(stage, data, out, model, config, steps, batch_size, lr, warmup, cond_drop, checkpoint_every, data_size,
+          seed, resume, stop_at, backend, device, quiet):
+    """Train STAGE of an unCLIP model on --data; every setting is kept in OUT/run.json and the run resumes on
+    either backend."""
+    from .train.loop import TrainSettings, train as run_training
+
+    settings = TrainSettings(steps=steps, batch_size=batch_size, lr=lr, warmup=warmup, cond_drop=cond_drop,
+                             checkpoint_every=checkpoint_every, seed=seed, data_size=data_size)
+    result = run_training(stage, data, out, model, config=config, settings=settings, backend=backend, device=device,
+                          resume=resume, progress=not quiet, stop_at=stop_at)
+    if not quiet:
+        click.echo(f"wrote {result}" if result else f"stopped at step {stop_at}; continue with --resume")
+
 if __name__ == "__main__":
     main()

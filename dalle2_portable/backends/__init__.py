@@ -125,12 +125,22 @@ class Backend(ABC):
         framework's own autograd, and returns (the loss as a float, {canonical name: d loss / d weight as float32
         NumPy in canonical layout}) for every weight of `module`. The loss must be a 0-d array."""
 
+    @staticmethod
+    def frozen_names(names, frozen) -> list[str]:
+        """The weights `frozen` names: each entry a canonical weight name or a prefix of whole modules."""
+        out = [k for k in names if any(k == f or k.startswith(f + ".") for f in frozen)]
+        unknown = [f for f in frozen if not any(k == f or k.startswith(f + ".") for k in names)]
+        if unknown:
+            raise Dalle2Error(f"cannot freeze {unknown[0]!r}: the model has no such weight or module")
+        return out
+
     @abstractmethod
-    def train_step(self, module, loss_fn: Callable, settings):
+    def train_step(self, module, loss_fn: Callable, settings, frozen=()):
         """One optimiser step as a callable: `step(*inputs, lr=...)` -> the loss (float). The loss
         `loss_fn(F, module, *arrays)` is differentiated by the framework's autograd, the gradients clipped to
         `settings.max_grad_norm` (train/optim.py `AdamW`) and applied by the framework's AdamW, set up so both
-        backends make the same update. `step.state()` / `step.load_state(d)`: the optimiser's step count and
+        backends make the same update; the weights `frozen` names (see `frozen_names`) stay as they are.
+        `step.state()` / `step.load_state(d)`: the optimiser's step count and
         moments as {"step", "m.<name>", "v.<name>"} float32 NumPy in canonical names and layout, so a
         checkpoint from one backend resumes on the other; `step.grad_norm`: the last gradient norm."""
 

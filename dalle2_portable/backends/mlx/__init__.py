@@ -152,8 +152,8 @@ class MLXBackend(Backend):
 
         return fn
 
-    def train_step(self, module, loss_fn, settings):
-        return MLXTrainStep(self, module, loss_fn, settings)
+    def train_step(self, module, loss_fn, settings, frozen=()):
+        return MLXTrainStep(self, module, loss_fn, settings, frozen)
 
     def weights(self, module):
         return dict(tree_flatten(module.parameters()))

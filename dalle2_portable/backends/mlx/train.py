@@ -15,8 +15,14 @@ from ...errors import Dalle2Error
 class MLXTrainStep:
     """`step(*inputs, lr=...)` -> the loss: one optimiser step on `loss_fn(F, module, *arrays)`."""
 
-    def __init__(self, backend, module, loss_fn, settings):
+    def __init__(self, backend, module, loss_fn, settings, frozen=()):
         self.backend, self.module = backend, module
+        for name in backend.frozen_names(dict(tree_flatten(module.parameters())), frozen):
+            path, _, leaf = name.rpartition(".")
+            owner = module
+            for part in path.split(".") if path else ():
+                owner = owner[int(part)] if isinstance(owner, list) else getattr(owner, part)
+            owner.freeze(recurse=False, keys=[leaf])
         self.loss_and_grad = nn.value_and_grad(module, lambda *args: loss_fn(backend.facade, module, *args))
         self.max_grad_norm = settings.max_grad_norm
         self.optimizer = optim.AdamW(learning_rate=settings.lr, betas=list(settings.betas), eps=settings.eps,

@@ -89,8 +89,8 @@ class TorchBackend(Backend):
 
         return fn
 
-    def train_step(self, module, loss_fn, settings):
-        return TorchTrainStep(self, module, loss_fn, settings)
+    def train_step(self, module, loss_fn, settings, frozen=()):
+        return TorchTrainStep(self, module, loss_fn, settings, frozen)
 
     def weights(self, module):
         return {k: p.detach() for k, p in module.named_parameters()}

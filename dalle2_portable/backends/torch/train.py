@@ -11,9 +11,12 @@ from ...errors import Dalle2Error
 class TorchTrainStep:
     """`step(*inputs, lr=...)` -> the loss: one optimiser step on `loss_fn(F, module, *arrays)`."""
 
-    def __init__(self, backend, module, loss_fn, settings):
+    def __init__(self, backend, module, loss_fn, settings, frozen=()):
         self.backend, self.module, self.loss_fn = backend, module, loss_fn
-        self.params = {k: p for k, p in module.named_parameters() if p.requires_grad}
+        named = dict(module.named_parameters())
+        for k in backend.frozen_names(named, frozen):
+            named.pop(k).requires_grad_(False)
+        self.params = named
         self.max_grad_norm = settings.max_grad_norm
         self.optimizer = torch.optim.AdamW(list(self.params.values()), lr=settings.lr, betas=settings.betas,
                                            eps=settings.eps, weight_decay=settings.weight_decay)
