@@ -12,6 +12,7 @@ from pathlib import Path
 
 from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
 
+from dalle2_portable.spec import UNet2DConditionConfig
 from dalle2_portable.tokenizers import CLIP_SPLIT
 
 SYLLABLES = ("th e an in er re on at en nd ti es or te of ed is it al ar st to nt ng se ha as ou io le ve co me de "
@@ -257,3 +258,13 @@ def _transformers_to_bin(folder: Path, model, v: str) -> None:
         if emb in sd:
             sd[f"{tower}.embeddings.position_ids"] = torch.arange(sd[emb].shape[0])[None]
     torch.save(sd, folder / f"pytorch_model{v}.bin")
+
+
+# Karlo's decoder layout at toy width (every block type, scale-shift, learned variance): the training tests' model
+TINY_LEARNED_VARIANCE_DECODER = UNet2DConditionConfig(
+    in_channels=3, out_channels=6, block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=4,
+    attention_head_dim=8, cross_attention_dim=12, time_embed_dim=32, class_embed_type="identity",
+    resnet_time_scale_shift="scale_shift", sample_size=8,
+    down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
+    mid_block_type="UNetMidBlock2DSimpleCrossAttn",
+    up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"))

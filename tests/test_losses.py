@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from builders import TINY_LEARNED_VARIANCE_DECODER as DECODER
 from conftest import BACKENDS, assert_close_to_scale, backend_params
 
 from dalle2_portable.backends import get_backend
 from dalle2_portable.modules.unet import decoder_attention_mask
 from dalle2_portable.schedule import UnCLIPSchedule
-from dalle2_portable.spec import SchedulerConfig, UNet2DConditionConfig
+from dalle2_portable.spec import SchedulerConfig
 from dalle2_portable.train import losses
 
 SCHEDULE = UnCLIPSchedule(SchedulerConfig(variance_type="learned_range", clip_sample=False))
@@ -97,14 +98,6 @@ def test_losses_match_float64_references(backend):
     want = (np.mean(lse_rows - np.diag(logits)) + np.mean(lse_cols - np.diag(logits))) / 2
     assert abs(got - want) <= 1e-5 * want
 
-
-DECODER = UNet2DConditionConfig(
-    in_channels=3, out_channels=6, block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=4,
-    attention_head_dim=8, cross_attention_dim=12, time_embed_dim=32, class_embed_type="identity",
-    resnet_time_scale_shift="scale_shift", sample_size=8,
-    down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
-    mid_block_type="UNetMidBlock2DSimpleCrossAttn",
-    up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"))
 
 
 def decoder_loss(F, unet, x_t, t, context, time_embedding, mask, x0, noise, terms):
