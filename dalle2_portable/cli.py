@@ -300,7 +300,7 @@ def compare(prompt, model, revision, backends, dtype, seed, num_images, toleranc
 
 
 @main.command()
-@click.argument("stage", type=click.Choice(["prior"]))
+@click.argument("stage", type=click.Choice(["prior", "decoder"]))
 @click.option("--data", required=True, help="`shapes` (the procedural shapes data) or a folder with metadata.jsonl "
               "(file_name + text per line).")
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False),
@@ -315,7 +315,11 @@ def compare(prompt, model, revision, backends, dtype, seed, num_images, toleranc
               help="Peak learning rate (linear warm-up, then cosine decay to 0 at --steps).")
 @click.option("--warmup", type=click.IntRange(min=1), default=50, show_default=True)
 @click.option("--cond-drop", type=click.FloatRange(0, 1, max_open=True), default=0.1, show_default=True,
-              help="Probability of training a caption as the empty one (classifier-free guidance).")
+              help="Classifier-free guidance's dropout: the prior's caption, the decoder's image embedding.")
+@click.option("--caption-drop", type=click.FloatRange(0, 1, max_open=True), default=0.5, show_default=True,
+              help="The decoder's caption dropout.")
+@click.option("--image-size", type=click.IntRange(min=8), default=32, show_default=True,
+              help="The decoder's sample size when trained from scratch.")
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=100, show_default=True)
 @click.option("--data-size", type=click.IntRange(min=1), default=1000, show_default=True,
               help="Items of the shapes data.")
@@ -326,14 +330,15 @@ def compare(prompt, model, revision, backends, dtype, seed, num_images, toleranc
 @click.option("--backend", type=BACKENDS, default="auto", show_default=True)
 @click.option("--device", default=None)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def train(stage, data, out, model, config, steps, batch_size, lr, warmup, cond_drop, checkpoint_every, data_size,
-          seed, resume, stop_at, backend, device, quiet):
+def train(stage, data, out, model, config, steps, batch_size, lr, warmup, cond_drop, caption_drop, image_size,
+          checkpoint_every, data_size, seed, resume, stop_at, backend, device, quiet):
     """Train STAGE of an unCLIP model on --data; every setting is kept in OUT/run.json and the run resumes on
     either backend."""
     from .train.loop import TrainSettings, train as run_training
 
     settings = TrainSettings(steps=steps, batch_size=batch_size, lr=lr, warmup=warmup, cond_drop=cond_drop,
-                             checkpoint_every=checkpoint_every, seed=seed, data_size=data_size)
+                             caption_drop=caption_drop, image_size=image_size, checkpoint_every=checkpoint_every,
+                             seed=seed, data_size=data_size)
     result = run_training(stage, data, out, model, config=config, settings=settings, backend=backend, device=device,
                           resume=resume, progress=not quiet, stop_at=stop_at)
     if not quiet:

@@ -115,6 +115,7 @@ RUNS_ON = {
     "test_train_loop.py::test_sigkill_then_resume_is_bit_identical": ("first",),
     "test_train_loop.py::test_interrupted_checkpoint_write_keeps_the_previous": ("first",),
     "test_train_loop.py::test_bad_runs_are_one_line": ("first",),
+    "test_train_decoder.py::test_fine_tuning_the_decoder_lowers_the_loss_and_decodes": ("first",),
     "test_data.py::test_cache_equals_clip_run_directly_and_is_reused": ("first",),
     "test_data.py::test_changing_the_data_or_the_clip_invalidates_the_cache": ("first",),
     "test_data.py::test_text_only_clip_caches_text_and_says_images_are_missing": ("first",),

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import Dalle2Error
-from ..modules import building
+from ..modules import Bundle, building
 
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -80,6 +80,11 @@ class Backend(ABC):
     @abstractmethod
     def build(self, component_type: str, config: Any):
         """A module with random initial weights, on this backend's device and dtype."""
+
+    def bundle(self, parts: dict):
+        """One native module holding already built components as its attributes (`modules.Bundle`)."""
+        with building(self.facade):
+            return Bundle(parts)
 
     @abstractmethod
     def parameter_shapes(self, component_type: str, config: Any) -> dict[str, tuple[int, ...]]:

@@ -74,3 +74,13 @@ class Module:
                                   "(get_backend(...).build) or inside modules.building(facade)") from None
             cls = native(cls, facade)
         return super(Module, cls).__new__(cls)
+
+
+class Bundle(Module):
+    """Components trained together as one module (a training stage's): each is an attribute, so their weights
+    are named "<component>.<canonical name>", and one optimiser and one EMA cover them all."""
+
+    def __init__(self, parts: dict):
+        super().__init__()
+        for name, module in parts.items():
+            setattr(self, name, module)

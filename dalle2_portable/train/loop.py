@@ -15,10 +15,7 @@ Every random number a step uses (which items, timesteps, noise, which captions a
 classifier-free guidance) comes from one NumPy Generator whose state the checkpoint keeps, so a resumed run
 draws what the uninterrupted run would have drawn, and both backends see the same draws.
 
-Stages so far: the prior (DALL-E 2 section 2.2, as Karlo trains it): given the noised, normalised CLIP image
-embedding z_t, the timestep and the caption's CLIP text condition, predict the clean z_0 (Karlo's prior
-scheduler: `prediction_type="sample"`); the loss is the MSE to z_0; a caption is replaced by the empty
-caption with probability `cond_drop`, the unconditional input that sampling's guidance uses.
+The stages (what each trains, its batch and its loss) are in stages.py.
 """
 
 from __future__ import annotations
@@ -36,28 +33,21 @@ from safetensors.numpy import save_file
 
 from .. import store
 from ..backends import get_backend
-from ..clip import CLIP, TextCondition
+from ..clip import CLIP
 from ..errors import Dalle2Error
-from ..modules.init import initial_weights
-from ..modules.prior import prior_attention_mask
-from ..schedule import UnCLIPSchedule
 from ..convert import resolve_model
+from ..modules.init import initial_weights
 from ..pipeline import tqdm_progress
-from ..spec import COMPONENT_NAMES, Component, ModelSpec, PriorConfig, SchedulerConfig, Source
+from ..schedule import UnCLIPSchedule
+from ..spec import COMPONENT_NAMES, Component, ModelSpec, Source
 from . import checkpoint as ckpt_io
-from . import losses
 from .data import Dataset, ImageFolder, cache_embeddings
 from .optim import EMA, AdamW, ema_decay, learning_rate
 from .shapes import ShapesDataset
+from .stages import BATCHES, COMPONENTS, FROZEN, LOSSES, PRESETS, SCHEDULERS, preset_configs
 
-STAGES = ("prior",)
-# prior widths by preset; every other size follows from the CLIP (embedding width, caption length)
-PRESETS = {"tiny": dict(num_attention_heads=2, attention_head_dim=16, num_layers=2),
-           "small": dict(num_attention_heads=4, attention_head_dim=32, num_layers=6)}
-# Karlo's prior scheduler (reference karlo-v1-alpha.md): x0 prediction, clipped to +-5 while sampling
-PRIOR_SCHEDULER = SchedulerConfig(variance_type="fixed_small_log", prediction_type="sample", clip_sample=True,
-                                  clip_sample_range=5.0)
-FROZEN = {"prior": ("clip_mean", "clip_std")}  # the CLIP statistics are data, not weights to learn
+STAGES = tuple(COMPONENTS)
+PREDICTS = {"prior": "sample", "decoder": "epsilon"}  # the prediction each stage's loss trains
 
 
 @dataclass(frozen=True)
@@ -71,28 +61,26 @@ class TrainSettings:
     weight_decay: float = 0.01
     max_grad_norm: float | None = 1.0
     ema_max_decay: float = 0.9999
-    cond_drop: float = 0.1
+    cond_drop: float = 0.1  # prior: the caption; decoder: the image embedding
+    caption_drop: float = 0.5  # decoder: the caption
+    image_size: int = 32  # decoder from scratch: its sample size
     checkpoint_every: int = 100
     seed: int = 0
     data_size: int = 1000  # items of the shapes data
 
     def __post_init__(self):
-        for name in ("steps", "batch_size", "checkpoint_every", "data_size"):
+        for name in ("steps", "batch_size", "checkpoint_every", "data_size", "image_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise Dalle2Error(f"{name} must be a positive integer, got {value!r}")
-        if not 0.0 <= self.cond_drop < 1.0:
-            raise Dalle2Error(f"cond_drop must be in [0, 1), got {self.cond_drop}")
+        for name in ("cond_drop", "caption_drop"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise Dalle2Error(f"{name} must be in [0, 1), got {getattr(self, name)}")
         AdamW(self.lr, eps=1e-8, weight_decay=self.weight_decay, max_grad_norm=self.max_grad_norm)  # checks
 
     @property
     def optimizer(self) -> AdamW:
         return AdamW(lr=self.lr, weight_decay=self.weight_decay, max_grad_norm=self.max_grad_norm)
-
-
-def prior_loss(F, prior, x_t, t, text_embeds, text_states, mask, target):
-    """The prior's objective: MSE between its x0 prediction and the clean normalised image embedding."""
-    return losses.mse(F, prior(x_t, t, text_embeds, text_states, mask), target)
 
 
 def load_data(data: str | Dataset, settings: TrainSettings) -> Dataset:
@@ -105,24 +93,22 @@ def load_data(data: str | Dataset, settings: TrainSettings) -> Dataset:
     return ImageFolder(data)
 
 
-def _prior_config(spec: ModelSpec, embeddings, config: str | None) -> PriorConfig:
-    """The prior to train: the base model's (fine-tuning), or a preset sized from the CLIP (from scratch)."""
+def _configs(stage: str, spec: ModelSpec, embeddings, config: str | None, settings: TrainSettings) -> dict:
+    """{component: config} to train: the base model's (fine-tuning), or a preset sized from the CLIP."""
     if config is None:
-        if "prior" not in spec.components:
-            raise Dalle2Error("the base model has no prior to fine-tune; pass --config tiny|small to train one "
-                              "from scratch")
-        return spec.components["prior"].config
+        missing = [c for c in COMPONENTS[stage] if c not in spec.components]
+        if missing:
+            raise Dalle2Error(f"the base model has no {missing[0]} to fine-tune; pass --config tiny|small to train "
+                              f"the {stage} from scratch")
+        return {c: spec.components[c].config for c in COMPONENTS[stage]}
     if config not in PRESETS:
         raise Dalle2Error(f"unknown --config {config!r}; choose one of {', '.join(PRESETS)}")
     width, states = embeddings.text.embeds.shape[1], embeddings.text.states.shape
-    if states[2] != width:
+    if stage == "prior" and states[2] != width:
         raise Dalle2Error(f"the CLIP's text width ({states[2]}) differs from its embedding width ({width}); "
                           "unCLIP's prior reads both through one width, so use a CLIP whose hidden size equals its "
                           "projection size")
-    preset = PRESETS[config]
-    inner = preset["num_attention_heads"] * preset["attention_head_dim"]  # diffusers' time_embed_dim default
-    return PriorConfig(**preset, embedding_dim=width, num_embeddings=states[1], time_embed_dim=inner,
-                       embedding_proj_dim=width, clip_embed_dim=width)
+    return preset_configs(stage, config, width, states[1], settings.image_size)
 
 
 def _check_run(run: Path, record: dict, resume: bool) -> None:
@@ -165,47 +151,42 @@ def train(stage: str, data, out, model, config: str | None = None, settings: Tra
     spec = store.read_spec(base)
     clip = CLIP(base, b, spec)
     if "image_encoder" not in clip.modules:
-        raise Dalle2Error("the base model has no CLIP image encoder, and the prior learns to predict CLIP image "
+        raise Dalle2Error(f"the base model has no CLIP image encoder, and the {stage} trains on CLIP image "
                           "embeddings; use a model with both CLIP towers (e.g. an image-variations model)")
     embeddings = cache_embeddings(dataset, clip, run / "embeddings", progress=progress)
-    cfg = _prior_config(spec, embeddings, config)
-    scheduler = spec.schedulers.get(stage, PRIOR_SCHEDULER)
-    if scheduler.prediction_type != "sample":
-        raise Dalle2Error(f"the base model's {stage} scheduler predicts {scheduler.prediction_type!r}; the prior "
-                          "trains on x0 (\"sample\") predictions, as Karlo's does")
-    record["component"] = cfg.to_dict()
+    configs = _configs(stage, spec, embeddings, config, settings)
+    scheduler = spec.schedulers.get(stage, SCHEDULERS[stage])
+    if scheduler.prediction_type != PREDICTS[stage]:
+        raise Dalle2Error(f"the base model's {stage} scheduler predicts {scheduler.prediction_type!r}; this "
+                          f"version trains the {stage} on {PREDICTS[stage]!r} predictions, as Karlo's")
+    record["components"] = {name: cfg.to_dict() for name, cfg in configs.items()}
     run.mkdir(parents=True, exist_ok=True)
     (run / "run.json").write_text(json.dumps(record, indent=1))
 
-    if config is None:
-        prior = b.load_component("prior", cfg, str(store.component_path(base, spec, "prior")))
-    else:  # from scratch: NumPy's initial weights (the same on every backend), the CLIP statistics of the data
-        prior = b.build("prior", cfg)
-        weights = initial_weights(b.parameter_shapes("prior", cfg), settings.seed)
-        images = embeddings.image_embeddings()
-        weights["clip_mean"] = images.mean(0, keepdims=True).astype(np.float32)
-        weights["clip_std"] = images.std(0, keepdims=True).astype(np.float32)
-        b.load_weights(prior, weights)
-    step_fn = b.train_step(prior, prior_loss, settings.optimizer, FROZEN[stage])
-    ema = EMA(b.weights(prior))
+    bundle = b.bundle({name: _component(b, base, spec, name, cfg, config is None, settings.seed, embeddings)
+                       for name, cfg in configs.items()})
+    step_fn = b.train_step(bundle, LOSSES[stage], settings.optimizer, FROZEN[stage])
+    ema = EMA(b.weights(bundle))
     rng, start = np.random.default_rng(settings.seed), 0
     metrics = run / "metrics.jsonl"
     lines = []
     if resume:
         saved = ckpt_io.load(run)
-        b.load_weights(prior, saved.weights)
+        b.load_weights(bundle, saved.weights)
         step_fn.load_state(saved.optimizer)
-        ema = EMA(b.from_numpy(prior, saved.ema))
+        ema = EMA(b.from_numpy(bundle, saved.ema))
         rng, start = ckpt_io.rng_from_state(saved.rng), saved.step
         if metrics.is_file():  # the lines after the checkpoint are drawn again
             lines = [x for x in metrics.read_text().splitlines(True) if json.loads(x)["step"] <= start]
     _atomic_json_lines(metrics, lines)
 
-    schedule = UnCLIPSchedule(scheduler)
-    state = b.state_dict(prior)
-    mean, std = state["clip_mean"], state["clip_std"]
-    targets = (embeddings.image_embeddings() - mean) / std
-    uncond = clip.text_condition([""])
+    ctx = _Context(settings, UnCLIPSchedule(scheduler), embeddings, clip.text_condition([""]), dataset)
+    if stage == "prior":  # the prior's targets: image embeddings normalised by its CLIP statistics
+        state = b.state_dict(bundle)
+        ctx.targets = (embeddings.image_embeddings() - state["prior.clip_mean"]) / state["prior.clip_std"]
+    else:
+        ctx.image_size = configs["decoder"].sample_size
+        ctx.extra_tokens = configs["text_proj"].clip_extra_context_tokens
     n, bs = len(dataset), settings.batch_size
     end = settings.steps if stop_at is None else min(settings.steps, stop_at)
     iterator = range(start, end)
@@ -214,56 +195,71 @@ def train(stage: str, data, out, model, config: str | None = None, settings: Tra
     with open(metrics, "a") as log:
         for i in iterator:
             t0 = time.perf_counter()
-            idx = rng.choice(n, bs, replace=n < bs)
-            t = rng.integers(0, schedule.config.num_train_timesteps, bs)
-            noise = rng.standard_normal((bs, targets.shape[1]), dtype=np.float32)
-            drop = rng.random(bs) < settings.cond_drop
-            text = _drop_captions(embeddings.text_condition(idx), uncond, drop)
-            terms = schedule.training_terms(t)
-            z0 = targets[idx].astype(np.float32)
-            x_t = (terms["sqrt_alphas_cumprod"][:, None] * z0
-                   + terms["sqrt_one_minus_alphas_cumprod"][:, None] * noise).astype(np.float32)
+            inputs = BATCHES[stage](ctx, rng, rng.choice(n, bs, replace=n < bs))
             lr = learning_rate(i, settings.lr, settings.warmup, settings.steps)
-            loss = step_fn(x_t, t, text.embeds, text.states, prior_attention_mask(text.mask), z0, lr=lr)
-            ema.update(b.weights(prior), ema_decay(i + 1, max_decay=settings.ema_max_decay))
+            loss = step_fn(*inputs, lr=lr)
+            ema.update(b.weights(bundle), ema_decay(i + 1, max_decay=settings.ema_max_decay))
             b.sync(ema.shadow)
             log.write(json.dumps({"step": i + 1, "loss": loss, "lr": lr, "grad_norm": step_fn.grad_norm,
                                   "samples_per_s": bs / (time.perf_counter() - t0)}) + "\n")
             log.flush()
             if (i + 1) % settings.checkpoint_every == 0 or i + 1 == end:
-                ckpt_io.save(run, ckpt_io.Checkpoint(i + 1, b.state_dict(prior), b.to_numpy(prior, ema.shadow),
+                ckpt_io.save(run, ckpt_io.Checkpoint(i + 1, b.state_dict(bundle), b.to_numpy(bundle, ema.shadow),
                                                      step_fn.state(), rng.bit_generator.state, {}))
     if end < settings.steps:
         return None
-    return _write_model(run, base, spec, stage, cfg, scheduler, b.to_numpy(prior, ema.shadow))
+    return _write_model(run, base, spec, configs, scheduler, stage, b.to_numpy(bundle, ema.shadow))
 
 
-def _drop_captions(text: TextCondition, uncond: TextCondition, drop: np.ndarray) -> TextCondition:
-    """Rows where `drop` is set take the empty caption's condition (classifier-free guidance's training)."""
-    if not drop.any():
-        return text
-    embeds, states, mask = text.embeds.copy(), text.states.copy(), text.mask.copy()
-    embeds[drop], states[drop], mask[drop] = uncond.embeds[0], uncond.states[0], uncond.mask[0]
-    return TextCondition(embeds, states, mask)
+@dataclass
+class _Context:
+    """What a stage's batch function reads (stages.py)."""
+
+    settings: TrainSettings
+    schedule: UnCLIPSchedule
+    embeddings: object
+    uncond: object
+    dataset: Dataset
+    targets: np.ndarray | None = None
+    image_size: int | None = None
+    extra_tokens: int | None = None
 
 
-def _write_model(run: Path, base: Path, spec: ModelSpec, stage: str, cfg, scheduler, weights: dict) -> Path:
-    """RUN/model: the base model's files with the trained component (EMA weights) and its scheduler."""
+def _component(b, base: Path, spec: ModelSpec, name: str, cfg, fine_tune: bool, seed: int, embeddings):
+    """One component to train: the base model's weights, or NumPy's initial weights (the same on every
+    backend; a prior's CLIP statistics those of the data)."""
+    if fine_tune:
+        return b.load_component(cfg.TYPE, cfg, str(store.component_path(base, spec, name)))
+    module = b.build(cfg.TYPE, cfg)
+    weights = initial_weights(b.parameter_shapes(cfg.TYPE, cfg), seed)
+    if name == "prior":
+        images = embeddings.image_embeddings()
+        weights["clip_mean"] = images.mean(0, keepdims=True).astype(np.float32)
+        weights["clip_std"] = images.std(0, keepdims=True).astype(np.float32)
+    b.load_weights(module, weights)
+    return module
+
+
+def _write_model(run: Path, base: Path, spec: ModelSpec, configs: dict, scheduler, stage: str,
+                 weights: dict) -> Path:
+    """RUN/model: the base model's files with the trained components (EMA weights) and the stage's scheduler."""
     with store.atomic_directory(run / "model", overwrite=True) as tmp:
         for name in spec.components:
-            if name != stage:
+            if name not in configs:
                 shutil.copyfile(store.component_path(base, spec, name), tmp / spec.components[name].weights)
         if (Path(base) / "tokenizer").is_dir():
             shutil.copytree(Path(base) / "tokenizer", tmp / "tokenizer")
-        save_file(weights, str(tmp / f"{stage}.safetensors"))
         components = dict(spec.components)
-        components[stage] = Component(cfg.TYPE, cfg, f"{stage}.safetensors")
-        components = {k: components[k] for k in sorted(components, key=_flow_order)}
-        schedulers = {**spec.schedulers, stage: scheduler}
-        store.write_spec(tmp, dataclasses.replace(spec, components=components, schedulers=schedulers,
+        for name, cfg in configs.items():
+            prefix = f"{name}."
+            save_file({k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)},
+                      str(tmp / f"{name}.safetensors"))
+            components[name] = Component(cfg.TYPE, cfg, f"{name}.safetensors")
+        components = {k: components[k] for k in sorted(components, key=COMPONENT_NAMES.index)}
+        defaults = spec.defaults
+        if "decoder" in configs:
+            defaults = dataclasses.replace(defaults, decoder_sample_size=configs["decoder"].sample_size)
+        store.write_spec(tmp, dataclasses.replace(spec, components=components, defaults=defaults,
+                                                  schedulers={**spec.schedulers, stage: scheduler},
                                                   source=Source(str(run.absolute()), None, "dalle2_portable")))
     return run / "model"
-
-
-def _flow_order(name: str) -> int:
-    return COMPONENT_NAMES.index(name)

@@ -1,0 +1,122 @@
+"""What each stage trains and how: its components, its frozen weights, its batch drawn in NumPy, and its loss
+written once over the facade. The loop (loop.py) is the same for every stage.
+
+    prior     (DALL-E 2 section 2.2, as Karlo trains it) predict the clean, CLIP-statistics-normalised image
+              embedding z_0 from z_t, the timestep and the caption's CLIP condition; MSE to z_0 (Karlo's prior
+              scheduler predicts "sample"). A caption becomes the empty caption with probability `cond_drop`,
+              the unconditional input sampling's guidance uses.
+    decoder   text_proj and the decoder UNet together (section 2.1): predict the noise of x_t from the CLIP
+              image embedding and the caption; epsilon MSE, plus improved DDPM's variational bound when the UNet
+              learns its variance (Karlo's learned_range). The image embedding becomes text_proj's learned
+              unconditional embedding with probability `cond_drop` and the caption the empty caption with
+              probability `caption_drop` (the paper's 10% and 50%).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..clip import TextCondition
+from ..modules.prior import prior_attention_mask
+from ..modules.unet import decoder_attention_mask
+from ..spec import PriorConfig, SchedulerConfig, TextProjConfig, UNet2DConditionConfig
+from . import losses
+
+# Karlo's schedulers (reference karlo-v1-alpha.md): the prior predicts x0, clipped to +-5 while sampling; the
+# decoder predicts the noise and learns its variance
+SCHEDULERS = {"prior": SchedulerConfig(variance_type="fixed_small_log", prediction_type="sample",
+                                       clip_sample=True, clip_sample_range=5.0),
+              "decoder": SchedulerConfig(variance_type="learned_range", prediction_type="epsilon",
+                                         clip_sample=True, clip_sample_range=1.0)}
+COMPONENTS = {"prior": ("prior",), "decoder": ("text_proj", "decoder")}
+FROZEN = {"prior": ("prior.clip_mean", "prior.clip_std"), "decoder": ()}  # the CLIP statistics are data
+PRESETS = {  # widths from scratch; every other size follows from the CLIP and --image-size
+    "tiny": {"prior": dict(num_attention_heads=2, attention_head_dim=16, num_layers=2),
+             "decoder": dict(block_out_channels=(32, 64), layers_per_block=1, attention_head_dim=16)},
+    "small": {"prior": dict(num_attention_heads=4, attention_head_dim=32, num_layers=6),
+              "decoder": dict(block_out_channels=(64, 128, 192), layers_per_block=2, attention_head_dim=32)},
+}
+
+
+def preset_configs(stage: str, preset: str, width: int, tokens: int, image_size: int) -> dict:
+    """{component: config} of `stage` from scratch, for CLIP embeddings of `width` and captions of `tokens`."""
+    p = PRESETS[preset][stage]
+    if stage == "prior":
+        inner = p["num_attention_heads"] * p["attention_head_dim"]  # diffusers' time_embed_dim default
+        return {"prior": PriorConfig(**p, embedding_dim=width, num_embeddings=tokens, time_embed_dim=inner,
+                                     embedding_proj_dim=width, clip_embed_dim=width)}
+    temb = 4 * p["block_out_channels"][0]
+    n = len(p["block_out_channels"])
+    decoder = UNet2DConditionConfig(
+        **p, in_channels=3, out_channels=6, norm_num_groups=8, cross_attention_dim=temb, time_embed_dim=temb,
+        class_embed_type="identity", resnet_time_scale_shift="scale_shift", sample_size=image_size,
+        down_block_types=("ResnetDownsampleBlock2D",) + ("SimpleCrossAttnDownBlock2D",) * (n - 1),
+        mid_block_type="UNetMidBlock2DSimpleCrossAttn",
+        up_block_types=("SimpleCrossAttnUpBlock2D",) * (n - 1) + ("ResnetUpsampleBlock2D",))
+    text_proj = TextProjConfig(clip_embeddings_dim=width, time_embed_dim=temb, cross_attention_dim=temb)
+    return {"text_proj": text_proj, "decoder": decoder}
+
+
+def drop_captions(text: TextCondition, uncond: TextCondition, drop: np.ndarray) -> TextCondition:
+    """Rows where `drop` is set take the empty caption's condition (classifier-free guidance's training)."""
+    if not drop.any():
+        return text
+    embeds, states, mask = text.embeds.copy(), text.states.copy(), text.mask.copy()
+    embeds[drop], states[drop], mask[drop] = uncond.embeds[0], uncond.states[0], uncond.mask[0]
+    return TextCondition(embeds, states, mask)
+
+
+def _noised(schedule, x0: np.ndarray, t: np.ndarray, noise: np.ndarray):
+    terms = schedule.training_terms(t)
+    shape = (-1,) + (1,) * (x0.ndim - 1)
+    x_t = terms["sqrt_alphas_cumprod"].reshape(shape) * x0 + terms["sqrt_one_minus_alphas_cumprod"].reshape(
+        shape) * noise
+    return x_t.astype(np.float32), terms
+
+
+def prior_batch(ctx, rng: np.random.Generator, idx: np.ndarray) -> tuple:
+    """(x_t, t, caption embeds, states, attention mask, z_0) for the items `idx`."""
+    bs = len(idx)
+    t = rng.integers(0, ctx.schedule.config.num_train_timesteps, bs)
+    z0 = ctx.targets[idx].astype(np.float32)
+    noise = rng.standard_normal(z0.shape, dtype=np.float32)
+    text = drop_captions(ctx.embeddings.text_condition(idx), ctx.uncond, rng.random(bs) < ctx.settings.cond_drop)
+    x_t, _ = _noised(ctx.schedule, z0, t, noise)
+    return x_t, t, text.embeds, text.states, prior_attention_mask(text.mask), z0
+
+
+def prior_loss(F, bundle, x_t, t, text_embeds, text_states, mask, target):
+    return losses.mse(F, bundle.prior(x_t, t, text_embeds, text_states, mask), target)
+
+
+def decoder_batch(ctx, rng: np.random.Generator, idx: np.ndarray) -> tuple:
+    """(x_t, t, image embeddings, image-dropped rows, caption embeds, states, context mask, x_0, noise, the
+    schedule's terms) for the items `idx`."""
+    bs = len(idx)
+    x0 = ctx.dataset.pixels(idx, ctx.image_size)
+    t = rng.integers(0, ctx.schedule.config.num_train_timesteps, bs)
+    noise = rng.standard_normal(x0.shape, dtype=np.float32)
+    drop_image = rng.random(bs) < ctx.settings.cond_drop
+    text = drop_captions(ctx.embeddings.text_condition(idx), ctx.uncond, rng.random(bs) < ctx.settings.caption_drop)
+    x_t, terms = _noised(ctx.schedule, x0, t, noise)
+    extra = ctx.extra_tokens  # text_proj's image tokens, always attended
+    mask = decoder_attention_mask(np.pad(text.mask, ((0, 0), (extra, 0)), constant_values=True))
+    return (x_t, t, ctx.embeddings.image_embeddings(idx), drop_image[:, None], text.embeds, text.states, mask, x0,
+            noise, terms)
+
+
+def decoder_loss(F, bundle, x_t, t, image_embeds, drop_image, text_embeds, text_states, mask, x0, noise, terms):
+    """Epsilon MSE, plus the variational bound when the decoder outputs its variance too (2C channels)."""
+    learned = bundle.text_proj.learned_classifier_free_guidance_embeddings
+    image_embeds = F.where(drop_image, learned[None], image_embeds)
+    context, time = bundle.text_proj(image_embeds, text_embeds, text_states)
+    out = bundle.decoder(x_t, t, context, time, mask)
+    c = x0.shape[1]
+    loss = losses.mse(F, out[:, :c], noise)
+    if out.shape[1] == 2 * c:
+        loss = loss + F.mean(losses.variational_bound(F, out, x0, x_t, t, terms))
+    return loss
+
+
+BATCHES = {"prior": prior_batch, "decoder": decoder_batch}
+LOSSES = {"prior": prior_loss, "decoder": decoder_loss}
