@@ -104,7 +104,8 @@ def test_backends_agree_and_resume_on_each_other():
     w = {name: b.state_dict(module) for name, (b, module) in runs.items()}
     assert _worst(w["mlx"], w["torch"]) <= 1e-5
     states = {name: step.state() for name, step in steps.items()}
-    assert _worst(states["mlx"], states["torch"]) <= 5e-5  # averages of gradients, which agree to that bound
+    # moments average the gradients (which agree to ~5e-6, tests/test_losses.py); measured 1.3e-5 to 2.5e-5
+    assert _worst(states["mlx"], states["torch"]) <= 1e-4
     # torch's state and weights, continued on MLX
     b, module = _module("mlx", w["torch"])
     resumed = b.train_step(module, eps_loss, PARITY)
