@@ -334,7 +334,11 @@ def train(stage, data, out, model, config, steps, batch_size, lr, warmup, cond_d
           checkpoint_every, data_size, seed, resume, stop_at, backend, device, quiet):
     """Train STAGE of an unCLIP model on --data; every setting is kept in OUT/run.json and the run resumes on
     either backend."""
+    import warnings
+
     from .train.loop import TrainSettings, train as run_training
+
+    warnings.formatwarning = lambda message, *_, **__: f"warning: {message}\n"  # bad data records: one line each
 
     settings = TrainSettings(steps=steps, batch_size=batch_size, lr=lr, warmup=warmup, cond_drop=cond_drop,
                              caption_drop=caption_drop, image_size=image_size, checkpoint_every=checkpoint_every,

@@ -116,6 +116,7 @@ RUNS_ON = {
     "test_train_loop.py::test_interrupted_checkpoint_write_keeps_the_previous": ("first",),
     "test_train_loop.py::test_bad_runs_are_one_line": ("first",),
     "test_train_decoder.py::test_fine_tuning_the_decoder_lowers_the_loss_and_decodes": ("first",),
+    "test_train_decoder.py::test_cli_trains_from_an_image_folder_and_reports_bad_records_in_one_line": ("first",),
     "test_data.py::test_cache_equals_clip_run_directly_and_is_reused": ("first",),
     "test_data.py::test_changing_the_data_or_the_clip_invalidates_the_cache": ("first",),
     "test_data.py::test_text_only_clip_caches_text_and_says_images_are_missing": ("first",),
@@ -137,6 +138,7 @@ SLOW = (
     "test_cli_generate.py::test_compare_table_image_and_exit_status",
     "test_backends.py::test_import_with_one_backend*",
     "test_train_loop.py::test_sigkill_then_resume_is_bit_identical",
+    "test_train_decoder.py::test_cli_trains_from_an_image_folder_and_reports_bad_records_in_one_line",
     "test_train_loop.py::test_prior_loss_falls_and_the_result_generates[[]mlx]",  # [[] is a literal [
     "*::test_reduced_precision_against_fp32*",
     "*::test_mlx_matches_torch[*float16*",  # and bfloat16

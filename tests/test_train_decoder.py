@@ -99,3 +99,31 @@ def test_fine_tuning_the_decoder_lowers_the_loss_and_decodes(models, tmp_path):
     result = pipe.vary(np.random.default_rng(0).standard_normal((1, 16)).astype(np.float32), decoder_steps=3,
                        super_res_steps=2)
     assert result.decoder_samples.shape == (1, 3, 8, 8) and np.isfinite(result.samples).all()
+
+
+def test_cli_trains_from_an_image_folder_and_reports_bad_records_in_one_line(models, tmp_path):
+    """As a user runs it (a subprocess: warnings reach stderr as the CLI formats them, not pytest's capture)."""
+    import os
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    pics = tmp_path / "pics"
+    pics.mkdir()
+    for i, colour in enumerate(((255, 0, 0), (0, 0, 255))):
+        Image.new("RGB", (40, 30), colour).save(pics / f"{i}.png")
+    (pics / "metadata.jsonl").write_text('{"file_name": "0.png", "text": "red"}\n{"file_name": "gone.png", '
+                                         '"text": "x"}\n{"file_name": "1.png", "text": "blue"}\n')
+    args = [sys.executable, "-m", "dalle2_portable.cli", "train", "decoder", "--out", str(tmp_path / "run"), "-m",
+            str(models["iv"]), "--steps", "3", "--batch-size", "2", "--backend", BACKENDS[0], "-q"]
+    r = subprocess.run(args + ["--data", str(pics)], capture_output=True, text=True, env=os.environ, timeout=300)
+    assert r.returncode == 0, r.stderr
+    warnings = [line for line in r.stderr.splitlines() if "metadata.jsonl" in line]
+    assert len(warnings) == 1 and warnings[0].startswith("warning: ")
+    assert ":2: file 'gone.png' not found" in warnings[0]
+    assert (tmp_path / "run" / "model" / "model.json").is_file()
+    r = subprocess.run(args + ["--data", str(tmp_path / "nowhere")], capture_output=True, text=True, env=os.environ,
+                       timeout=300)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and "give `shapes` or a folder" in lines[0], r.stderr

@@ -1,4 +1,5 @@
 """Training, written once over the backend facade (docs/ARCHITECTURE.md, "The training seam").
 
-`losses.py` holds the objectives; each backend's `value_and_grad` differentiates them with its own autograd.
+`loop.train` runs a stage (`stages.py`: what it trains, its batch, its loss over `losses.py`) on any backend,
+with `optim.py` (AdamW settings, schedules, EMA), `checkpoint.py` and the data of `data.py` / `shapes.py`.
 """
