@@ -300,7 +300,7 @@ def compare(prompt, model, revision, backends, dtype, seed, num_images, toleranc
 
 
 @main.command()
-@click.argument("stage", type=click.Choice(["prior", "decoder"]))
+@click.argument("stage", type=click.Choice(["prior", "decoder", "super-res"]))
 @click.option("--data", required=True, help="`shapes` (the procedural shapes data) or a folder with metadata.jsonl "
               "(file_name + text per line).")
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False),
@@ -319,7 +319,9 @@ def compare(prompt, model, revision, backends, dtype, seed, num_images, toleranc
 @click.option("--caption-drop", type=click.FloatRange(0, 1, max_open=True), default=0.5, show_default=True,
               help="The decoder's caption dropout.")
 @click.option("--image-size", type=click.IntRange(min=8), default=32, show_default=True,
-              help="The decoder's sample size when trained from scratch.")
+              help="The decoder's or the super-res UNet's sample size when trained from scratch.")
+@click.option("--sr-noise", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="super-res: std of the noise added to the small image (augmentation).")
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=100, show_default=True)
 @click.option("--data-size", type=click.IntRange(min=1), default=1000, show_default=True,
               help="Items of the shapes data.")
@@ -331,7 +333,7 @@ def compare(prompt, model, revision, backends, dtype, seed, num_images, toleranc
 @click.option("--device", default=None)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def train(stage, data, out, model, config, steps, batch_size, lr, warmup, cond_drop, caption_drop, image_size,
-          checkpoint_every, data_size, seed, resume, stop_at, backend, device, quiet):
+          sr_noise, checkpoint_every, data_size, seed, resume, stop_at, backend, device, quiet):
     """Train STAGE of an unCLIP model on --data; every setting is kept in OUT/run.json and the run resumes on
     either backend."""
     import warnings
@@ -341,9 +343,9 @@ def train(stage, data, out, model, config, steps, batch_size, lr, warmup, cond_d
     warnings.formatwarning = lambda message, *_, **__: f"warning: {message}\n"  # bad data records: one line each
 
     settings = TrainSettings(steps=steps, batch_size=batch_size, lr=lr, warmup=warmup, cond_drop=cond_drop,
-                             caption_drop=caption_drop, image_size=image_size, checkpoint_every=checkpoint_every,
-                             seed=seed, data_size=data_size)
-    result = run_training(stage, data, out, model, config=config, settings=settings, backend=backend, device=device,
+                             caption_drop=caption_drop, image_size=image_size, sr_noise=sr_noise,
+                             checkpoint_every=checkpoint_every, seed=seed, data_size=data_size)
+    result = run_training(stage.replace("-", "_"), data, out, model, config=config, settings=settings, backend=backend, device=device,
                           resume=resume, progress=not quiet, stop_at=stop_at)
     if not quiet:
         click.echo(f"wrote {result}" if result else f"stopped at step {stop_at}; continue with --resume")

@@ -64,6 +64,23 @@ def assert_close_to_scale(actual, expected, rel: float, what: str = ""):
     return err / scale
 
 
+def assert_one_step_agrees(make_bundle, loss_fn, inputs) -> None:
+    """One AdamW step of `loss_fn` on `make_bundle(backend)` (the same weights on each backend) from the same
+    inputs: the loss to 1e-5 relative and the updated weights to 1e-5 of each tensor's scale on MLX and torch.
+    eps 1e-4: tests/test_train_step.py says why element-wise AdamW comparisons need it."""
+    from dalle2_portable.backends import get_backend
+    from dalle2_portable.train.optim import AdamW
+
+    after = {}
+    for name in ("torch", "mlx"):
+        b = get_backend(name)
+        bundle = make_bundle(b)
+        after[name] = (b.train_step(bundle, loss_fn, AdamW(lr=1e-3, eps=1e-4))(*inputs, lr=1e-3), b.state_dict(bundle))
+    assert abs(after["mlx"][0] - after["torch"][0]) <= 1e-5 * after["torch"][0]
+    w_t, w_m = after["torch"][1], after["mlx"][1]
+    assert max(np.abs(w_m[k] - w_t[k]).max() / np.abs(w_t[k]).max() for k in w_t) <= 1e-5
+
+
 _PASSED = 0
 
 
@@ -116,6 +133,8 @@ RUNS_ON = {
     "test_train_loop.py::test_interrupted_checkpoint_write_keeps_the_previous": ("first",),
     "test_train_loop.py::test_bad_runs_are_one_line": ("first",),
     "test_train_decoder.py::test_fine_tuning_the_decoder_lowers_the_loss_and_decodes": ("first",),
+    "test_train_super_res.py::test_fine_tuning_lowers_the_loss_and_from_scratch_replaces_both_upsamplers":
+        ("first",),
     "test_train_decoder.py::test_cli_trains_from_an_image_folder_and_reports_bad_records_in_one_line": ("first",),
     "test_data.py::test_cache_equals_clip_run_directly_and_is_reused": ("first",),
     "test_data.py::test_changing_the_data_or_the_clip_invalidates_the_cache": ("first",),

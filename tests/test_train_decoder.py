@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import BACKENDS, backend_params
+from conftest import BACKENDS, assert_one_step_agrees, backend_params
 from diffusers import UNet2DConditionModel
 from diffusers.pipelines.unclip.text_proj import UnCLIPTextProjModel
 from test_losses import SCHEDULE, T, _reference_vlb
@@ -72,17 +72,8 @@ def test_decoder_loss_equals_diffusers(models, backend):
 
 @pytest.mark.skipif(len(BACKENDS) < 2, reason="needs both backends")
 def test_one_decoder_step_agrees_across_backends(models):
-    from dalle2_portable.train.optim import AdamW
-
     inputs, _ = _inputs(store.read_spec(models["iv"]), seed=1)
-    after = {}
-    for name in ("torch", "mlx"):
-        b, bundle, _ = _bundle(name, models["iv"])
-        step = b.train_step(bundle, decoder_loss, AdamW(lr=1e-3, eps=1e-4))  # eps: tests/test_train_step.py
-        after[name] = (step(*inputs, lr=1e-3), b.state_dict(bundle))
-    assert abs(after["mlx"][0] - after["torch"][0]) <= 1e-5 * after["torch"][0]
-    w_t, w_m = after["torch"][1], after["mlx"][1]
-    assert max(np.abs(w_m[k] - w_t[k]).max() / np.abs(w_t[k]).max() for k in w_t) <= 1e-5
+    assert_one_step_agrees(lambda b: _bundle(b.name, models["iv"])[1], decoder_loss, inputs)
 
 
 def test_fine_tuning_the_decoder_lowers_the_loss_and_decodes(models, tmp_path):

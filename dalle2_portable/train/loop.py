@@ -47,7 +47,7 @@ from .shapes import ShapesDataset
 from .stages import BATCHES, COMPONENTS, FROZEN, LOSSES, PRESETS, SCHEDULERS, preset_configs
 
 STAGES = tuple(COMPONENTS)
-PREDICTS = {"prior": "sample", "decoder": "epsilon"}  # the prediction each stage's loss trains
+PREDICTS = {"prior": "sample", "decoder": "epsilon", "super_res": "epsilon"}  # the prediction each stage's loss trains
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,8 @@ class TrainSettings:
     ema_max_decay: float = 0.9999
     cond_drop: float = 0.1  # prior: the caption; decoder: the image embedding
     caption_drop: float = 0.5  # decoder: the caption
-    image_size: int = 32  # decoder from scratch: its sample size
+    image_size: int = 32  # from scratch: the decoder's / the super-res UNet's sample size
+    sr_noise: float = 0.0  # super-res: std of the noise added to the small image (augmentation)
     checkpoint_every: int = 100
     seed: int = 0
     data_size: int = 1000  # items of the shapes data
@@ -76,6 +77,8 @@ class TrainSettings:
         for name in ("cond_drop", "caption_drop"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise Dalle2Error(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.sr_noise < 0:
+            raise Dalle2Error(f"sr_noise must be >= 0, got {self.sr_noise}")
         AdamW(self.lr, eps=1e-8, weight_decay=self.weight_decay, max_grad_norm=self.max_grad_norm)  # checks
 
     @property
@@ -103,6 +106,8 @@ def _configs(stage: str, spec: ModelSpec, embeddings, config: str | None, settin
         return {c: spec.components[c].config for c in COMPONENTS[stage]}
     if config not in PRESETS:
         raise Dalle2Error(f"unknown --config {config!r}; choose one of {', '.join(PRESETS)}")
+    if stage == "super_res":
+        return preset_configs(stage, config, 0, 0, settings.image_size)
     width, states = embeddings.text.embeds.shape[1], embeddings.text.states.shape
     if stage == "prior" and states[2] != width:
         raise Dalle2Error(f"the CLIP's text width ({states[2]}) differs from its embedding width ({width}); "
@@ -149,11 +154,14 @@ def train(stage: str, data, out, model, config: str | None = None, settings: Tra
     _check_run(run, record, resume)
     b = get_backend(backend, device=device)
     spec = store.read_spec(base)
-    clip = CLIP(base, b, spec)
-    if "image_encoder" not in clip.modules:
-        raise Dalle2Error(f"the base model has no CLIP image encoder, and the {stage} trains on CLIP image "
-                          "embeddings; use a model with both CLIP towers (e.g. an image-variations model)")
-    embeddings = cache_embeddings(dataset, clip, run / "embeddings", progress=progress)
+    clip = embeddings = uncond = None
+    if stage != "super_res":  # the upsamplers see pixels only
+        clip = CLIP(base, b, spec)
+        if "image_encoder" not in clip.modules:
+            raise Dalle2Error(f"the base model has no CLIP image encoder, and the {stage} trains on CLIP image "
+                              "embeddings; use a model with both CLIP towers (e.g. an image-variations model)")
+        embeddings = cache_embeddings(dataset, clip, run / "embeddings", progress=progress)
+        uncond = clip.text_condition([""])
     configs = _configs(stage, spec, embeddings, config, settings)
     scheduler = spec.schedulers.get(stage, SCHEDULERS[stage])
     if scheduler.prediction_type != PREDICTS[stage]:
@@ -180,13 +188,16 @@ def train(stage: str, data, out, model, config: str | None = None, settings: Tra
             lines = [x for x in metrics.read_text().splitlines(True) if json.loads(x)["step"] <= start]
     _atomic_json_lines(metrics, lines)
 
-    ctx = _Context(settings, UnCLIPSchedule(scheduler), embeddings, clip.text_condition([""]), dataset)
+    ctx = _Context(settings, UnCLIPSchedule(scheduler), embeddings, uncond, dataset)
     if stage == "prior":  # the prior's targets: image embeddings normalised by its CLIP statistics
         state = b.state_dict(bundle)
         ctx.targets = (embeddings.image_embeddings() - state["prior.clip_mean"]) / state["prior.clip_std"]
-    else:
+    elif stage == "decoder":
         ctx.image_size = configs["decoder"].sample_size
         ctx.extra_tokens = configs["text_proj"].clip_extra_context_tokens
+    else:  # the super-res UNet's size, and the decoder's that it upsamples from
+        ctx.image_size = configs["super_res_first"].sample_size
+        ctx.low_size = spec.defaults.decoder_sample_size or spec.components["decoder"].config.sample_size
     n, bs = len(dataset), settings.batch_size
     end = settings.steps if stop_at is None else min(settings.steps, stop_at)
     iterator = range(start, end)
@@ -208,7 +219,9 @@ def train(stage: str, data, out, model, config: str | None = None, settings: Tra
                                                      step_fn.state(), rng.bit_generator.state, {}))
     if end < settings.steps:
         return None
-    return _write_model(run, base, spec, configs, scheduler, stage, b.to_numpy(bundle, ema.shadow))
+    # a super-res UNet trained from scratch serves every step: the base's super_res_last belonged to another
+    drop = ("super_res_last",) if stage == "super_res" and config is not None else ()
+    return _write_model(run, base, spec, configs, scheduler, stage, b.to_numpy(bundle, ema.shadow), drop)
 
 
 @dataclass
@@ -223,6 +236,7 @@ class _Context:
     targets: np.ndarray | None = None
     image_size: int | None = None
     extra_tokens: int | None = None
+    low_size: int | None = None
 
 
 def _component(b, base: Path, spec: ModelSpec, name: str, cfg, fine_tune: bool, seed: int, embeddings):
@@ -240,16 +254,17 @@ def _component(b, base: Path, spec: ModelSpec, name: str, cfg, fine_tune: bool, 
     return module
 
 
-def _write_model(run: Path, base: Path, spec: ModelSpec, configs: dict, scheduler, stage: str,
-                 weights: dict) -> Path:
-    """RUN/model: the base model's files with the trained components (EMA weights) and the stage's scheduler."""
+def _write_model(run: Path, base: Path, spec: ModelSpec, configs: dict, scheduler, stage: str, weights: dict,
+                 drop: tuple[str, ...] = ()) -> Path:
+    """RUN/model: the base model's files (but `drop`) with the trained components (EMA weights) and the stage's
+    scheduler."""
     with store.atomic_directory(run / "model", overwrite=True) as tmp:
-        for name in spec.components:
+        components = {k: c for k, c in spec.components.items() if k not in drop}
+        for name in components:
             if name not in configs:
                 shutil.copyfile(store.component_path(base, spec, name), tmp / spec.components[name].weights)
         if (Path(base) / "tokenizer").is_dir():
             shutil.copytree(Path(base) / "tokenizer", tmp / "tokenizer")
-        components = dict(spec.components)
         for name, cfg in configs.items():
             prefix = f"{name}."
             save_file({k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)},
@@ -259,6 +274,8 @@ def _write_model(run: Path, base: Path, spec: ModelSpec, configs: dict, schedule
         defaults = spec.defaults
         if "decoder" in configs:
             defaults = dataclasses.replace(defaults, decoder_sample_size=configs["decoder"].sample_size)
+        if "super_res_first" in configs:
+            defaults = dataclasses.replace(defaults, super_res_sample_size=configs["super_res_first"].sample_size)
         store.write_spec(tmp, dataclasses.replace(spec, components=components, defaults=defaults,
                                                   schedulers={**spec.schedulers, stage: scheduler},
                                                   source=Source(str(run.absolute()), None, "dalle2_portable")))

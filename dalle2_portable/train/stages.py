@@ -10,6 +10,11 @@ written once over the facade. The loop (loop.py) is the same for every stage.
               learns its variance (Karlo's learned_range). The image embedding becomes text_proj's learned
               unconditional embedding with probability `cond_drop` and the caption the empty caption with
               probability `caption_drop` (the paper's 10% and 50%).
+    super_res the first upsampler (Karlo's super_res_first, which the pipeline also uses for the last step
+              when a model has no super_res_last): predict the noise of the large x_t given it concatenated
+              with the antialiased bicubic upscale of the small image, as sampling feeds it; epsilon MSE. The
+              small image is the item drawn at the decoder's size, plus N(0, `sr_noise`) (noise augmentation:
+              at sampling time it comes from the decoder, not from a clean downscale).
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ import numpy as np
 from ..clip import TextCondition
 from ..modules.prior import prior_attention_mask
 from ..modules.unet import decoder_attention_mask
-from ..spec import PriorConfig, SchedulerConfig, TextProjConfig, UNet2DConditionConfig
+from ..sampling import upscale_bicubic
+from ..spec import PriorConfig, SchedulerConfig, TextProjConfig, UNet2DConditionConfig, UNet2DConfig
 from . import losses
 
 # Karlo's schedulers (reference karlo-v1-alpha.md): the prior predicts x0, clipped to +-5 while sampling; the
@@ -27,14 +33,18 @@ from . import losses
 SCHEDULERS = {"prior": SchedulerConfig(variance_type="fixed_small_log", prediction_type="sample",
                                        clip_sample=True, clip_sample_range=5.0),
               "decoder": SchedulerConfig(variance_type="learned_range", prediction_type="epsilon",
-                                         clip_sample=True, clip_sample_range=1.0)}
-COMPONENTS = {"prior": ("prior",), "decoder": ("text_proj", "decoder")}
-FROZEN = {"prior": ("prior.clip_mean", "prior.clip_std"), "decoder": ()}  # the CLIP statistics are data
+                                         clip_sample=True, clip_sample_range=1.0),
+              "super_res": SchedulerConfig(variance_type="fixed_small_log", prediction_type="epsilon",
+                                           clip_sample=True, clip_sample_range=1.0)}
+COMPONENTS = {"prior": ("prior",), "decoder": ("text_proj", "decoder"), "super_res": ("super_res_first",)}
+FROZEN = {"prior": ("prior.clip_mean", "prior.clip_std"), "decoder": (), "super_res": ()}  # CLIP stats: data
 PRESETS = {  # widths from scratch; every other size follows from the CLIP and --image-size
     "tiny": {"prior": dict(num_attention_heads=2, attention_head_dim=16, num_layers=2),
-             "decoder": dict(block_out_channels=(32, 64), layers_per_block=1, attention_head_dim=16)},
+             "decoder": dict(block_out_channels=(32, 64), layers_per_block=1, attention_head_dim=16),
+             "super_res": dict(block_out_channels=(32, 64), layers_per_block=1)},
     "small": {"prior": dict(num_attention_heads=4, attention_head_dim=32, num_layers=6),
-              "decoder": dict(block_out_channels=(64, 128, 192), layers_per_block=2, attention_head_dim=32)},
+              "decoder": dict(block_out_channels=(64, 128, 192), layers_per_block=2, attention_head_dim=32),
+              "super_res": dict(block_out_channels=(32, 64, 128), layers_per_block=2)},
 }
 
 
@@ -47,6 +57,10 @@ def preset_configs(stage: str, preset: str, width: int, tokens: int, image_size:
                                      embedding_proj_dim=width, clip_embed_dim=width)}
     temb = 4 * p["block_out_channels"][0]
     n = len(p["block_out_channels"])
+    if stage == "super_res":
+        return {"super_res_first": UNet2DConfig(
+            **p, norm_num_groups=8, time_embed_dim=temb, sample_size=image_size, down_block_types=(
+                "ResnetDownsampleBlock2D",) * n, up_block_types=("ResnetUpsampleBlock2D",) * n)}
     decoder = UNet2DConditionConfig(
         **p, in_channels=3, out_channels=6, norm_num_groups=8, cross_attention_dim=temb, time_embed_dim=temb,
         class_embed_type="identity", resnet_time_scale_shift="scale_shift", sample_size=image_size,
@@ -118,5 +132,22 @@ def decoder_loss(F, bundle, x_t, t, image_embeds, drop_image, text_embeds, text_
     return loss
 
 
-BATCHES = {"prior": prior_batch, "decoder": decoder_batch}
-LOSSES = {"prior": prior_loss, "decoder": decoder_loss}
+def super_res_batch(ctx, rng: np.random.Generator, idx: np.ndarray) -> tuple:
+    """(x_t concatenated with the upscaled small image, t, noise) for the items `idx`."""
+    bs = len(idx)
+    x0 = ctx.dataset.pixels(idx, ctx.image_size)
+    small = ctx.dataset.pixels(idx, ctx.low_size)
+    t = rng.integers(0, ctx.schedule.config.num_train_timesteps, bs)
+    noise = rng.standard_normal(x0.shape, dtype=np.float32)
+    augment = rng.standard_normal(small.shape, dtype=np.float32)
+    up = upscale_bicubic(small + np.float32(ctx.settings.sr_noise) * augment, ctx.image_size)
+    x_t, _ = _noised(ctx.schedule, x0, t, noise)
+    return np.concatenate([x_t, up], axis=1), t, noise
+
+
+def super_res_loss(F, bundle, sample, t, noise):
+    return losses.mse(F, bundle.super_res_first(sample, t), noise)
+
+
+BATCHES = {"prior": prior_batch, "decoder": decoder_batch, "super_res": super_res_batch}
+LOSSES = {"prior": prior_loss, "decoder": decoder_loss, "super_res": super_res_loss}
