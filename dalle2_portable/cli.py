@@ -300,7 +300,7 @@ def compare(prompt, model, revision, backends, dtype, seed, num_images, toleranc
 
 
 @main.command()
-@click.argument("stage", type=click.Choice(["prior", "decoder", "super-res"]))
+@click.argument("stage", type=click.Choice(["clip", "prior", "decoder", "super-res"]))
 @click.option("--data", required=True, help="`shapes` (the procedural shapes data) or a folder with metadata.jsonl "
               "(file_name + text per line).")
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False),

@@ -32,6 +32,7 @@ DTYPES = ("float32", "float16", "bfloat16")
 MODULES = {
     "clip_text": ("clip", "CLIPTextModelWithProjection"),
     "clip_vision": ("clip", "CLIPVisionModelWithProjection"),
+    "clip_logit_scale": ("clip", "CLIPLogitScale"),  # a training stage's, not a model directory component
     "prior": ("prior", "PriorTransformer"),
     "text_proj": ("text_proj", "UnCLIPTextProjModel"),
     "unet2d_condition": ("unet", "UNet"),  # the decoder (diffusers UNet2DConditionModel)

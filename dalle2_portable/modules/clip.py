@@ -140,3 +140,13 @@ class CLIPVisionModelWithProjection(Module):
         """pixel_values (B, C, H, W), CLIP-normalised -> image_embeds (B, P), last_hidden_state (B, 1 + N, D)."""
         pooled, states = self.vision_model(pixel_values)
         return self.visual_projection(pooled), states
+
+
+class CLIPLogitScale(Module):
+    """CLIPModel's learned temperature: `logit_scale`, the log of the factor on the cosine similarities (CLIP
+    starts it at log(1 / 0.07); a model directory keeps it in its defaults, `clip_logit_scale`). A module of its
+    own so that the CLIP training stage can bundle it with the towers."""
+
+    def __init__(self, config=None):  # no sizes to configure
+        super().__init__()
+        self.logit_scale = self.F.Parameter(())

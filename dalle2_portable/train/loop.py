@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 import time
@@ -41,13 +42,14 @@ from ..pipeline import tqdm_progress
 from ..schedule import UnCLIPSchedule
 from ..spec import COMPONENT_NAMES, Component, ModelSpec, Source
 from . import checkpoint as ckpt_io
-from .data import Dataset, ImageFolder, cache_embeddings
+from .data import Dataset, ImageFolder, cache_embeddings, embedding_size
 from .optim import EMA, AdamW, ema_decay, learning_rate
 from .shapes import ShapesDataset
 from .stages import BATCHES, COMPONENTS, FROZEN, LOSSES, PRESETS, SCHEDULERS, preset_configs
 
 STAGES = tuple(COMPONENTS)
-PREDICTS = {"prior": "sample", "decoder": "epsilon", "super_res": "epsilon"}  # the prediction each stage's loss trains
+PREDICTS = {"prior": "sample", "decoder": "epsilon", "super_res": "epsilon"}
+CLIP_INITIAL_SCALE = math.log(1 / 0.07)  # CLIP's initial temperature  # the prediction each stage's loss trains
 
 
 @dataclass(frozen=True)
@@ -106,8 +108,8 @@ def _configs(stage: str, spec: ModelSpec, embeddings, config: str | None, settin
         return {c: spec.components[c].config for c in COMPONENTS[stage]}
     if config not in PRESETS:
         raise Dalle2Error(f"unknown --config {config!r}; choose one of {', '.join(PRESETS)}")
-    if stage == "super_res":
-        return preset_configs(stage, config, 0, 0, settings.image_size)
+    if stage in ("super_res", "clip"):
+        return preset_configs(stage, config, 0, 0, settings.image_size, base=spec)
     width, states = embeddings.text.embeds.shape[1], embeddings.text.states.shape
     if stage == "prior" and states[2] != width:
         raise Dalle2Error(f"the CLIP's text width ({states[2]}) differs from its embedding width ({width}); "
@@ -155,7 +157,13 @@ def train(stage: str, data, out, model, config: str | None = None, settings: Tra
     b = get_backend(backend, device=device)
     spec = store.read_spec(base)
     clip = embeddings = uncond = None
-    if stage != "super_res":  # the upsamplers see pixels only
+    if stage == "clip":  # its own tokenizer and preprocessing, the towers to train
+        missing = [c for c in COMPONENTS[stage] if c not in spec.components]
+        if missing:
+            raise Dalle2Error(f"the base model has no {missing[0]}; the CLIP stage trains both towers (and takes "
+                              "the base model's tokenizer and image size)")
+        clip = CLIP(base, b, spec)
+    elif stage != "super_res":  # the upsamplers see pixels only
         clip = CLIP(base, b, spec)
         if "image_encoder" not in clip.modules:
             raise Dalle2Error(f"the base model has no CLIP image encoder, and the {stage} trains on CLIP image "
@@ -163,16 +171,21 @@ def train(stage: str, data, out, model, config: str | None = None, settings: Tra
         embeddings = cache_embeddings(dataset, clip, run / "embeddings", progress=progress)
         uncond = clip.text_condition([""])
     configs = _configs(stage, spec, embeddings, config, settings)
-    scheduler = spec.schedulers.get(stage, SCHEDULERS[stage])
-    if scheduler.prediction_type != PREDICTS[stage]:
+    scheduler = spec.schedulers.get(stage, SCHEDULERS.get(stage))
+    if stage in PREDICTS and scheduler.prediction_type != PREDICTS[stage]:
         raise Dalle2Error(f"the base model's {stage} scheduler predicts {scheduler.prediction_type!r}; this "
                           f"version trains the {stage} on {PREDICTS[stage]!r} predictions, as Karlo's")
     record["components"] = {name: cfg.to_dict() for name, cfg in configs.items()}
     run.mkdir(parents=True, exist_ok=True)
     (run / "run.json").write_text(json.dumps(record, indent=1))
 
-    bundle = b.bundle({name: _component(b, base, spec, name, cfg, config is None, settings.seed, embeddings)
-                       for name, cfg in configs.items()})
+    parts = {name: _component(b, base, spec, name, cfg, config is None, settings.seed, embeddings)
+             for name, cfg in configs.items()}
+    if stage == "clip":  # the temperature: the base model's when fine-tuning, else CLIP's initial one
+        parts["logit_scale"] = b.build("clip_logit_scale", None)
+        start_scale = spec.defaults.clip_logit_scale if config is None else None
+        b.load_weights(parts["logit_scale"], {"logit_scale": np.array(start_scale or CLIP_INITIAL_SCALE, np.float32)})
+    bundle = b.bundle(parts)
     step_fn = b.train_step(bundle, LOSSES[stage], settings.optimizer, FROZEN[stage])
     ema = EMA(b.weights(bundle))
     rng, start = np.random.default_rng(settings.seed), 0
@@ -188,13 +201,15 @@ def train(stage: str, data, out, model, config: str | None = None, settings: Tra
             lines = [x for x in metrics.read_text().splitlines(True) if json.loads(x)["step"] <= start]
     _atomic_json_lines(metrics, lines)
 
-    ctx = _Context(settings, UnCLIPSchedule(scheduler), embeddings, uncond, dataset)
+    ctx = _Context(settings, scheduler and UnCLIPSchedule(scheduler), embeddings, uncond, dataset)
     if stage == "prior":  # the prior's targets: image embeddings normalised by its CLIP statistics
         state = b.state_dict(bundle)
         ctx.targets = (embeddings.image_embeddings() - state["prior.clip_mean"]) / state["prior.clip_std"]
     elif stage == "decoder":
         ctx.image_size = configs["decoder"].sample_size
         ctx.extra_tokens = configs["text_proj"].clip_extra_context_tokens
+    elif stage == "clip":
+        ctx.clip, ctx.image_size = clip, embedding_size(clip)
     else:  # the super-res UNet's size, and the decoder's that it upsamples from
         ctx.image_size = configs["super_res_first"].sample_size
         ctx.low_size = spec.defaults.decoder_sample_size or spec.components["decoder"].config.sample_size
@@ -229,7 +244,7 @@ class _Context:
     """What a stage's batch function reads (stages.py)."""
 
     settings: TrainSettings
-    schedule: UnCLIPSchedule
+    schedule: UnCLIPSchedule | None  # None for CLIP, which is no diffusion
     embeddings: object
     uncond: object
     dataset: Dataset
@@ -237,6 +252,7 @@ class _Context:
     image_size: int | None = None
     extra_tokens: int | None = None
     low_size: int | None = None
+    clip: CLIP | None = None
 
 
 def _component(b, base: Path, spec: ModelSpec, name: str, cfg, fine_tune: bool, seed: int, embeddings):
@@ -276,7 +292,10 @@ def _write_model(run: Path, base: Path, spec: ModelSpec, configs: dict, schedule
             defaults = dataclasses.replace(defaults, decoder_sample_size=configs["decoder"].sample_size)
         if "super_res_first" in configs:
             defaults = dataclasses.replace(defaults, super_res_sample_size=configs["super_res_first"].sample_size)
+        if "logit_scale.logit_scale" in weights:
+            defaults = dataclasses.replace(defaults, clip_logit_scale=float(weights["logit_scale.logit_scale"]))
+        schedulers = {**spec.schedulers, stage: scheduler} if scheduler is not None else spec.schedulers
         store.write_spec(tmp, dataclasses.replace(spec, components=components, defaults=defaults,
-                                                  schedulers={**spec.schedulers, stage: scheduler},
+                                                  schedulers=schedulers,
                                                   source=Source(str(run.absolute()), None, "dalle2_portable")))
     return run / "model"

@@ -15,9 +15,14 @@ written once over the facade. The loop (loop.py) is the same for every stage.
               with the antialiased bicubic upscale of the small image, as sampling feeds it; epsilon MSE. The
               small image is the item drawn at the decoder's size, plus N(0, `sr_noise`) (noise augmentation:
               at sampling time it comes from the decoder, not from a clean downscale).
+    clip      both CLIP towers and the temperature (Radford et al. 2021): the symmetric cross-entropy of the
+              batch's caption-image cosine similarities times exp(logit_scale), clamped at 100 as CLIP does.
+              Captions are tokenised and images preprocessed in NumPy as `CLIP` does for inference.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 
@@ -25,6 +30,7 @@ from ..clip import TextCondition
 from ..modules.prior import prior_attention_mask
 from ..modules.unet import decoder_attention_mask
 from ..sampling import upscale_bicubic
+from ..clip import pool_positions
 from ..spec import PriorConfig, SchedulerConfig, TextProjConfig, UNet2DConditionConfig, UNet2DConfig
 from . import losses
 
@@ -36,21 +42,30 @@ SCHEDULERS = {"prior": SchedulerConfig(variance_type="fixed_small_log", predicti
                                          clip_sample=True, clip_sample_range=1.0),
               "super_res": SchedulerConfig(variance_type="fixed_small_log", prediction_type="epsilon",
                                            clip_sample=True, clip_sample_range=1.0)}
-COMPONENTS = {"prior": ("prior",), "decoder": ("text_proj", "decoder"), "super_res": ("super_res_first",)}
-FROZEN = {"prior": ("prior.clip_mean", "prior.clip_std"), "decoder": (), "super_res": ()}  # CLIP stats: data
+COMPONENTS = {"prior": ("prior",), "decoder": ("text_proj", "decoder"), "super_res": ("super_res_first",),
+              "clip": ("text_encoder", "image_encoder")}
+FROZEN = {"prior": ("prior.clip_mean", "prior.clip_std"), "decoder": (), "super_res": (), "clip": ()}  # CLIP stats
+MAX_LOGIT_SCALE = 4.6051702  # log(100), CLIP's clamp
 PRESETS = {  # widths from scratch; every other size follows from the CLIP and --image-size
     "tiny": {"prior": dict(num_attention_heads=2, attention_head_dim=16, num_layers=2),
              "decoder": dict(block_out_channels=(32, 64), layers_per_block=1, attention_head_dim=16),
-             "super_res": dict(block_out_channels=(32, 64), layers_per_block=1)},
+             "super_res": dict(block_out_channels=(32, 64), layers_per_block=1),
+             "clip": dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4)},
     "small": {"prior": dict(num_attention_heads=4, attention_head_dim=32, num_layers=6),
               "decoder": dict(block_out_channels=(64, 128, 192), layers_per_block=2, attention_head_dim=32),
-              "super_res": dict(block_out_channels=(32, 64, 128), layers_per_block=2)},
+              "super_res": dict(block_out_channels=(32, 64, 128), layers_per_block=2),
+              "clip": dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=8)},
 }
 
 
-def preset_configs(stage: str, preset: str, width: int, tokens: int, image_size: int) -> dict:
-    """{component: config} of `stage` from scratch, for CLIP embeddings of `width` and captions of `tokens`."""
+def preset_configs(stage: str, preset: str, width: int, tokens: int, image_size: int, base=None) -> dict:
+    """{component: config} of `stage` from scratch, for CLIP embeddings of `width` and captions of `tokens`
+    (the CLIP stage: the towers at the preset's width, with the base model's vocabulary and image size)."""
     p = PRESETS[preset][stage]
+    if stage == "clip":
+        text, vision = base.components["text_encoder"].config, base.components["image_encoder"].config
+        return {"text_encoder": dataclasses.replace(text, **p, projection_dim=p["hidden_size"]),
+                "image_encoder": dataclasses.replace(vision, **p, projection_dim=p["hidden_size"])}
     if stage == "prior":
         inner = p["num_attention_heads"] * p["attention_head_dim"]  # diffusers' time_embed_dim default
         return {"prior": PriorConfig(**p, embedding_dim=width, num_embeddings=tokens, time_embed_dim=inner,
@@ -149,5 +164,20 @@ def super_res_loss(F, bundle, sample, t, noise):
     return losses.mse(F, bundle.super_res_first(sample, t), noise)
 
 
-BATCHES = {"prior": prior_batch, "decoder": decoder_batch, "super_res": super_res_batch}
-LOSSES = {"prior": prior_loss, "decoder": decoder_loss, "super_res": super_res_loss}
+def clip_batch(ctx, rng: np.random.Generator, idx: np.ndarray) -> tuple:
+    """(token ids, pooled positions, preprocessed pixels) of the items `idx`, as `CLIP` makes them."""
+    ids = ctx.clip.tokenize([ctx.dataset.caption(int(i)) for i in idx])
+    eos = ctx.clip.spec.components["text_encoder"].config.eos_token_id
+    pixels = ctx.clip.preprocess([ctx.dataset.image(int(i), ctx.image_size) for i in idx])
+    return ids, pool_positions(ids, eos), pixels
+
+
+def clip_loss(F, bundle, ids, positions, pixels):
+    text, _ = bundle.text_encoder(ids, positions)
+    image, _ = bundle.image_encoder(pixels)
+    scale = F.clip(bundle.logit_scale.logit_scale, None, MAX_LOGIT_SCALE)
+    return losses.clip_contrastive(F, text, image, scale)
+
+
+BATCHES = {"prior": prior_batch, "decoder": decoder_batch, "super_res": super_res_batch, "clip": clip_batch}
+LOSSES = {"prior": prior_loss, "decoder": decoder_loss, "super_res": super_res_loss, "clip": clip_loss}

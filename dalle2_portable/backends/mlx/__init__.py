@@ -111,7 +111,7 @@ class MLXBackend(Backend):
             mx.eval(module.parameters())
 
     def load_weights(self, module, tensors):
-        self._load(module, [(k, mx.array(np.ascontiguousarray(v))) for k, v in tensors.items()])
+        self._load(module, [(k, mx.array(np.require(v, requirements="C"))) for k, v in tensors.items()])
 
     def load_file(self, module, path):
         self._load(module, list(mx.load(str(path)).items()))
@@ -164,7 +164,7 @@ class MLXBackend(Backend):
 
     def from_numpy(self, module, tensors):
         convs = _conv_weights(module)
-        return {k: _to_mlx_layout(k, mx.array(np.ascontiguousarray(v)), convs).astype(self.mx_dtype)
+        return {k: _to_mlx_layout(k, mx.array(np.require(v, requirements="C")), convs).astype(self.mx_dtype)
                 for k, v in tensors.items()}
 
     def sync(self, arrays) -> None:

@@ -99,7 +99,7 @@ class TorchBackend(Backend):
         return {k: v.detach().float().cpu().numpy() for k, v in arrays.items()}
 
     def from_numpy(self, module, tensors):
-        return {k: torch.from_numpy(np.ascontiguousarray(v)).to(self.device, self.torch_dtype)
+        return {k: torch.from_numpy(np.require(v, requirements="C")).to(self.device, self.torch_dtype)
                 for k, v in tensors.items()}
 
     def sync(self, arrays) -> None:

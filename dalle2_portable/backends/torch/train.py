@@ -59,5 +59,5 @@ class TorchTrainStep:
                 continue
             self.optimizer.state[p] = {
                 "step": torch.tensor(float(step)),
-                "exp_avg": torch.from_numpy(np.ascontiguousarray(state[f"m.{k}"])).to(p.device, p.dtype),
-                "exp_avg_sq": torch.from_numpy(np.ascontiguousarray(state[f"v.{k}"])).to(p.device, p.dtype)}
+                "exp_avg": torch.from_numpy(np.require(state[f"m.{k}"], requirements="C")).to(p.device, p.dtype),
+                "exp_avg_sq": torch.from_numpy(np.require(state[f"v.{k}"], requirements="C")).to(p.device, p.dtype)}
