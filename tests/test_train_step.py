@@ -154,3 +154,18 @@ def test_schedules():
     assert ema_decay(10**9) == 0.9999
     with pytest.raises(Dalle2Error, match="invalid optimiser settings"):
         AdamW(lr=0)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_numpy_weights_survive_safetensors(backend, tmp_path):
+    """Checkpoints write `to_numpy`'s arrays with safetensors, which writes a buffer as it lies in memory: MLX's
+    transposed conv weights must come out in C order (they once came out scrambled)."""
+    from safetensors.numpy import load_file, save_file
+
+    b, module = _module(backend, _weights())
+    b.train_step(module, eps_loss, SETTINGS)(*_batch(0), lr=1e-3)  # weights the optimiser wrote, in its layout
+    arrays = b.to_numpy(module, b.weights(module))
+    assert all(a.flags.c_contiguous for a in arrays.values())
+    save_file(arrays, str(tmp_path / "w.safetensors"))
+    back = load_file(str(tmp_path / "w.safetensors"))
+    assert all(np.array_equal(back[k], arrays[k]) for k in arrays)

@@ -62,6 +62,7 @@ class TrainSettings:
     warmup: int = 50
     weight_decay: float = 0.01
     max_grad_norm: float | None = 1.0
+    adam_eps: float = 1e-8
     ema_max_decay: float = 0.9999
     cond_drop: float = 0.1  # prior: the caption; decoder: the image embedding
     caption_drop: float = 0.5  # decoder: the caption
@@ -81,11 +82,12 @@ class TrainSettings:
                 raise Dalle2Error(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if self.sr_noise < 0:
             raise Dalle2Error(f"sr_noise must be >= 0, got {self.sr_noise}")
-        AdamW(self.lr, eps=1e-8, weight_decay=self.weight_decay, max_grad_norm=self.max_grad_norm)  # checks
+        self.optimizer  # AdamW checks its settings
 
     @property
     def optimizer(self) -> AdamW:
-        return AdamW(lr=self.lr, weight_decay=self.weight_decay, max_grad_norm=self.max_grad_norm)
+        return AdamW(lr=self.lr, eps=self.adam_eps, weight_decay=self.weight_decay,
+                     max_grad_norm=self.max_grad_norm)
 
 
 def load_data(data: str | Dataset, settings: TrainSettings) -> Dataset:

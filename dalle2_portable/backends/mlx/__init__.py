@@ -160,7 +160,10 @@ class MLXBackend(Backend):
 
     def to_numpy(self, module, arrays):
         convs = _conv_weights(module)
-        return {k: np.array(_to_canonical_layout(k, v, convs).astype(mx.float32)) for k, v in arrays.items()}
+        # C order: np.array of a transposed MLX array keeps its strides, and safetensors' numpy writer would
+        # write such a buffer as it lies in memory, not in its logical order
+        return {k: np.require(np.array(_to_canonical_layout(k, v, convs).astype(mx.float32)), requirements="C")
+                for k, v in arrays.items()}
 
     def from_numpy(self, module, tensors):
         convs = _conv_weights(module)
