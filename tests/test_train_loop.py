@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 from conftest import BACKENDS, backend_params
 from safetensors.numpy import load_file
 
@@ -38,6 +39,8 @@ def test_prior_loss_falls_and_the_result_generates(models, tmp_path, backend):
                 settings=TrainSettings(steps=80, checkpoint_every=40, **FAST))
     losses = _losses(run)
     assert len(losses) == 80
+    curve = np.asarray(Image.open(run / "loss.png").convert("RGB"))  # drawn: the running mean in blue
+    assert curve.shape == (360, 640, 3) and ((curve[..., 2] > 200) & (curve[..., 0] < 60)).sum() > 200
     assert np.mean(losses[-10:]) < 0.6 * np.mean(losses[:10]), (losses[:10], losses[-10:])  # measured ~0.35
     pipe = d2.load_pipeline(out, backend=backend)
     assert pipe.spec.schedulers["prior"].prediction_type == "sample"

@@ -8,6 +8,7 @@ A run directory holds everything the run needs to continue, on either backend:
     RUN/embeddings/       the frozen CLIP outputs of the data (train/data.py `cache_embeddings`)
     RUN/checkpoint/       the last checkpoint (train/checkpoint.py), replaced atomically
     RUN/metrics.jsonl     one line per step: step, loss, learning rate, gradient norm, samples per second
+    RUN/loss.png          the loss curve, redrawn at every checkpoint
     RUN/model/            the result, written after the last step: the base model with the trained component
                           (its EMA weights), a model directory every verb loads
 
@@ -42,6 +43,7 @@ from ..pipeline import tqdm_progress
 from ..schedule import UnCLIPSchedule
 from ..spec import COMPONENT_NAMES, Component, ModelSpec, Source
 from . import checkpoint as ckpt_io
+from .curve import write_curve
 from .data import Dataset, ImageFolder, cache_embeddings, embedding_size
 from .optim import EMA, AdamW, ema_decay, learning_rate
 from .shapes import ShapesDataset
@@ -202,6 +204,7 @@ def train(stage: str, data, out, model, config: str | None = None, settings: Tra
         if metrics.is_file():  # the lines after the checkpoint are drawn again
             lines = [x for x in metrics.read_text().splitlines(True) if json.loads(x)["step"] <= start]
     _atomic_json_lines(metrics, lines)
+    curve = [json.loads(x)["loss"] for x in lines]
 
     ctx = _Context(settings, scheduler and UnCLIPSchedule(scheduler), embeddings, uncond, dataset)
     if stage == "prior":  # the prior's targets: image embeddings normalised by its CLIP statistics
@@ -231,9 +234,11 @@ def train(stage: str, data, out, model, config: str | None = None, settings: Tra
             log.write(json.dumps({"step": i + 1, "loss": loss, "lr": lr, "grad_norm": step_fn.grad_norm,
                                   "samples_per_s": bs / (time.perf_counter() - t0)}) + "\n")
             log.flush()
+            curve.append(loss)
             if (i + 1) % settings.checkpoint_every == 0 or i + 1 == end:
                 ckpt_io.save(run, ckpt_io.Checkpoint(i + 1, b.state_dict(bundle), b.to_numpy(bundle, ema.shadow),
                                                      step_fn.state(), rng.bit_generator.state, {}))
+                write_curve(run / "loss.png", curve, f"{stage} on {dataset.describe()}, {b.name}")
     if end < settings.steps:
         return None
     # a super-res UNet trained from scratch serves every step: the base's super_res_last belonged to another
