@@ -323,6 +323,8 @@ def compare(prompt, model, revision, backends, dtype, seed, num_images, toleranc
 @click.option("--sr-noise", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="super-res: std of the noise added to the small image (augmentation).")
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option("--freeze", multiple=True, help="Keep a component or weight as it is (repeatable), e.g. "
+              "--freeze text_proj or --freeze decoder.conv_in.")
 @click.option("--data-size", type=click.IntRange(min=1), default=1000, show_default=True,
               help="Items of the shapes data.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the run's one NumPy generator.")
@@ -333,7 +335,7 @@ def compare(prompt, model, revision, backends, dtype, seed, num_images, toleranc
 @click.option("--device", default=None)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def train(stage, data, out, model, config, steps, batch_size, lr, warmup, cond_drop, caption_drop, image_size,
-          sr_noise, checkpoint_every, data_size, seed, resume, stop_at, backend, device, quiet):
+          sr_noise, checkpoint_every, freeze, data_size, seed, resume, stop_at, backend, device, quiet):
     """Train STAGE of an unCLIP model on --data; every setting is kept in OUT/run.json and the run resumes on
     either backend."""
     import warnings
@@ -344,9 +346,10 @@ def train(stage, data, out, model, config, steps, batch_size, lr, warmup, cond_d
 
     settings = TrainSettings(steps=steps, batch_size=batch_size, lr=lr, warmup=warmup, cond_drop=cond_drop,
                              caption_drop=caption_drop, image_size=image_size, sr_noise=sr_noise,
-                             checkpoint_every=checkpoint_every, seed=seed, data_size=data_size)
-    result = run_training(stage.replace("-", "_"), data, out, model, config=config, settings=settings, backend=backend, device=device,
-                          resume=resume, progress=not quiet, stop_at=stop_at)
+                             checkpoint_every=checkpoint_every, freeze=tuple(freeze), seed=seed,
+                             data_size=data_size)
+    result = run_training(stage.replace("-", "_"), data, out, model, config=config, settings=settings,
+                          backend=backend, device=device, resume=resume, progress=not quiet, stop_at=stop_at)
     if not quiet:
         click.echo(f"wrote {result}" if result else f"stopped at step {stop_at}; continue with --resume")
 

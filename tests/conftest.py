@@ -137,6 +137,7 @@ RUNS_ON = {
     "test_train_loop.py::test_bad_runs_are_one_line": ("first",),
     "test_train_decoder.py::test_fine_tuning_the_decoder_lowers_the_loss_and_decodes": ("first",),
     "test_train_clip.py::test_clip_from_scratch_learns_the_shapes": ("first",),
+    "test_train_decoder.py::test_freeze_keeps_a_component_and_unknown_names_are_one_line": ("first",),
     "test_train_super_res.py::test_fine_tuning_lowers_the_loss_and_from_scratch_replaces_both_upsamplers":
         ("first",),
     "test_train_decoder.py::test_cli_trains_from_an_image_folder_and_reports_bad_records_in_one_line": ("first",),

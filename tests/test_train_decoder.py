@@ -118,3 +118,20 @@ def test_cli_trains_from_an_image_folder_and_reports_bad_records_in_one_line(mod
                        timeout=300)
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1 and "give `shapes` or a folder" in lines[0], r.stderr
+
+
+def test_freeze_keeps_a_component_and_unknown_names_are_one_line(models, tmp_path):
+    from safetensors.numpy import load_file
+
+    from dalle2_portable.errors import Dalle2Error
+
+    settings = TrainSettings(steps=3, data_size=8, batch_size=4, lr=1e-3, warmup=1, freeze=("text_proj",))
+    out = train("decoder", "shapes", tmp_path / "run", models["iv"], backend=BACKENDS[0], settings=settings)
+    for name, moved in (("text_proj", False), ("decoder", True)):
+        before, after = (load_file(str(d / f"{name}.safetensors")) for d in (models["iv"], out))
+        change = max(np.abs(after[k] - before[k]).max() / np.abs(before[k]).max() for k in before)
+        # frozen: only the EMA's float rounding (decay * w + (1 - decay) * w); trained: lr-sized steps
+        assert (change > 1e-4) if moved else (change < 1e-6), (name, change)
+    with pytest.raises(Dalle2Error, match="cannot freeze 'decoder.nope'"):
+        train("decoder", "shapes", tmp_path / "bad", models["iv"], backend=BACKENDS[0],
+              settings=TrainSettings(steps=1, data_size=8, batch_size=4, freeze=("decoder.nope",)))

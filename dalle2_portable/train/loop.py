@@ -65,6 +65,7 @@ class TrainSettings:
     weight_decay: float = 0.01
     max_grad_norm: float | None = 1.0
     adam_eps: float = 1e-8
+    freeze: tuple[str, ...] = ()  # weights or whole modules kept as they are, e.g. ("text_proj",)
     ema_max_decay: float = 0.9999
     cond_drop: float = 0.1  # prior: the caption; decoder: the image embedding
     caption_drop: float = 0.5  # decoder: the caption
@@ -190,7 +191,7 @@ def train(stage: str, data, out, model, config: str | None = None, settings: Tra
         start_scale = spec.defaults.clip_logit_scale if config is None else None
         b.load_weights(parts["logit_scale"], {"logit_scale": np.array(start_scale or CLIP_INITIAL_SCALE, np.float32)})
     bundle = b.bundle(parts)
-    step_fn = b.train_step(bundle, LOSSES[stage], settings.optimizer, FROZEN[stage])
+    step_fn = b.train_step(bundle, LOSSES[stage], settings.optimizer, FROZEN[stage] + tuple(settings.freeze))
     ema = EMA(b.weights(bundle))
     rng, start = np.random.default_rng(settings.seed), 0
     metrics = run / "metrics.jsonl"
