@@ -319,7 +319,7 @@ def save_png(image: Image.Image, path: str | os.PathLike, metadata: dict[str, st
             raise Dalle2Error(f"cannot write {shown!r}: PNG metadata key {key!r} must be 1 to 79 Latin-1 "
                               "characters")
         info.add_text(key, str(value))  # non-Latin-1 values become iTXt (UTF-8)
-    return _write_atomic(path, lambda f: image.save(f, format="PNG", pnginfo=info), overwrite, ".png")
+    return write_atomic(path, lambda f: image.save(f, format="PNG", pnginfo=info), overwrite, ".png")
 
 
 def save_gif(frames: Sequence[Image.Image], path: str | os.PathLike, fps: int = 4, overwrite: bool = False) -> Path:
@@ -329,7 +329,7 @@ def save_gif(frames: Sequence[Image.Image], path: str | os.PathLike, fps: int = 
     if not frames or not all(isinstance(f, Image.Image) for f in frames):
         raise TypeError("save_gif: expected a non-empty list of PIL images")
     duration = max(1, round(1000 / fps))
-    return _write_atomic(path, lambda f: frames[0].save(f, format="GIF", save_all=True, append_images=frames[1:],
+    return write_atomic(path, lambda f: frames[0].save(f, format="GIF", save_all=True, append_images=frames[1:],
                                                         duration=duration, loop=0), overwrite,
                          ".gif")
 
@@ -349,7 +349,7 @@ def check_output(path: str | os.PathLike, overwrite: bool = False, suffix: str =
     return path
 
 
-def _write_atomic(path: str | os.PathLike, write, overwrite: bool, suffix: str) -> Path:
+def write_atomic(path: str | os.PathLike, write, overwrite: bool, suffix: str) -> Path:
     """write(file) into a hidden temporary file beside `path`, fsync it, then move it into place (no clobbering
     unless overwrite); nothing is left behind on error."""
     path = check_output(path, overwrite, suffix)

@@ -30,7 +30,7 @@ from safetensors.numpy import save as safetensors_bytes
 from .. import store
 from ..clip import CLIP, TextCondition
 from ..errors import Dalle2Error
-from ..images import _write_atomic, load_image
+from ..images import write_atomic, load_image
 
 METADATA = "metadata.jsonl"
 CACHE_FORMAT = "1"
@@ -298,7 +298,7 @@ def cache_embeddings(dataset: Dataset, clip: CLIP, directory: str | Path, batch_
                     str(Path(clip.model_dir).absolute()), "clip_source": f"{source.repo}@{source.revision}",
                     "dtype": clip.backend.dtype, "count": str(len(dataset))}
         blob = safetensors_bytes(arrays, metadata=metadata)
-        _write_atomic(path, lambda f: f.write(blob), True, ".safetensors")
+        write_atomic(path, lambda f: f.write(blob), True, ".safetensors")
     text = TextCondition(arrays["text_embeds"], arrays["text_states"], arrays["text_mask"].astype(bool))
     return Embeddings(text, arrays.get("image_embeds"), path, str(clip.model_dir), loaded)
 

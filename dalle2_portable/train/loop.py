@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -36,8 +35,9 @@ from safetensors.numpy import save_file
 from .. import store
 from ..backends import get_backend
 from ..clip import CLIP
-from ..errors import Dalle2Error
 from ..convert import resolve_model
+from ..errors import Dalle2Error
+from ..images import write_atomic
 from ..modules.init import initial_weights
 from ..pipeline import tqdm_progress
 from ..schedule import UnCLIPSchedule
@@ -138,12 +138,6 @@ def _check_run(run: Path, record: dict, resume: bool) -> None:
                               "resume it with the same settings")
 
 
-def _atomic_json_lines(path: Path, lines: list[str]) -> None:
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text("".join(lines))
-    os.replace(tmp, path)
-
-
 def train(stage: str, data, out, model, config: str | None = None, settings: TrainSettings | None = None,
           backend="auto", device: str | None = None, resume: bool = False, progress: bool = False,
           stop_at: int | None = None) -> Path | None:
@@ -182,7 +176,7 @@ def train(stage: str, data, out, model, config: str | None = None, settings: Tra
                           f"version trains the {stage} on {PREDICTS[stage]!r} predictions, as Karlo's")
     record["components"] = {name: cfg.to_dict() for name, cfg in configs.items()}
     run.mkdir(parents=True, exist_ok=True)
-    (run / "run.json").write_text(json.dumps(record, indent=1))
+    write_atomic(run / "run.json", lambda f: f.write(json.dumps(record, indent=1).encode()), True, ".json")
 
     parts = {name: _component(b, base, spec, name, cfg, config is None, settings.seed, embeddings)
              for name, cfg in configs.items()}
@@ -204,7 +198,7 @@ def train(stage: str, data, out, model, config: str | None = None, settings: Tra
         rng, start = ckpt_io.rng_from_state(saved.rng), saved.step
         if metrics.is_file():  # the lines after the checkpoint are drawn again
             lines = [x for x in metrics.read_text().splitlines(True) if json.loads(x)["step"] <= start]
-    _atomic_json_lines(metrics, lines)
+    write_atomic(metrics, lambda f: f.write("".join(lines).encode()), True, ".jsonl")
     curve = [json.loads(x)["loss"] for x in lines]
 
     ctx = _Context(settings, scheduler and UnCLIPSchedule(scheduler), embeddings, uncond, dataset)

@@ -139,7 +139,7 @@ class MLXBackend(Backend):
         return tuple(np.array(o) for o in out)
 
     def value_and_grad(self, module, loss_fn):
-        facade, convs = self.facade, _conv_weights(module)
+        facade = self.facade
         loss_and_grad = nn.value_and_grad(module, lambda *args: loss_fn(facade, module, *args))
 
         def fn(*inputs):
@@ -147,8 +147,7 @@ class MLXBackend(Backend):
             with mx.stream(self.stream):
                 loss, grads = loss_and_grad(*args)
                 mx.eval(loss, grads)
-            return float(loss), {k: np.array(_to_canonical_layout(k, g, convs).astype(mx.float32))
-                                 for k, g in tree_flatten(grads)}
+            return float(loss), self.to_numpy(module, dict(tree_flatten(grads)))
 
         return fn
 

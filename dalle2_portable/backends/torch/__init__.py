@@ -85,7 +85,7 @@ class TorchBackend(Backend):
                 loss = loss_fn(facade, module, *args)
                 loss.backward()
             grads = {k: torch.zeros_like(w) if w.grad is None else w.grad for k, w in weights.items()}
-            return float(loss.detach()), {k: g.detach().float().cpu().numpy() for k, g in grads.items()}
+            return float(loss.detach()), self.to_numpy(module, grads)
 
         return fn
 

@@ -42,22 +42,20 @@ class TorchTrainStep:
 
     def state(self) -> dict[str, np.ndarray]:
         """{"step": (), "m.<name>": first moment, "v.<name>": second moment}, float32, canonical layout."""
+        states = {k: self.optimizer.state[p] for k, p in self.params.items() if self.optimizer.state.get(p)}
         out = {"step": np.array(self.steps, np.int64)}
-        for k, p in self.params.items():
-            s = self.optimizer.state.get(p)
-            if s:
-                out[f"m.{k}"] = s["exp_avg"].detach().float().cpu().numpy()
-                out[f"v.{k}"] = s["exp_avg_sq"].detach().float().cpu().numpy()
+        for moment, key in (("m", "exp_avg"), ("v", "exp_avg_sq")):
+            part = self.backend.to_numpy(self.module, {k: s[key] for k, s in states.items()})
+            out.update({f"{moment}.{k}": v for k, v in part.items()})
         return out
 
     def load_state(self, state: dict[str, np.ndarray]) -> None:
         step = int(state["step"])
-        for k, p in self.params.items():
-            if f"m.{k}" not in state:
-                if step:
-                    raise Dalle2Error(f"optimiser state has no moments for {k!r}; resume with the same model")
-                continue
-            self.optimizer.state[p] = {
-                "step": torch.tensor(float(step)),
-                "exp_avg": torch.from_numpy(np.require(state[f"m.{k}"], requirements="C")).to(p.device, p.dtype),
-                "exp_avg_sq": torch.from_numpy(np.require(state[f"v.{k}"], requirements="C")).to(p.device, p.dtype)}
+        missing = [k for k in self.params if f"m.{k}" not in state]
+        if missing and step:
+            raise Dalle2Error(f"optimiser state has no moments for {missing[0]!r}; resume with the same model")
+        names = [k for k in self.params if k not in missing]
+        m, v = (self.backend.from_numpy(self.module, {k: state[f"{x}.{k}"] for k in names}) for x in ("m", "v"))
+        for k in names:
+            self.optimizer.state[self.params[k]] = {"step": torch.tensor(float(step)), "exp_avg": m[k],
+                                                    "exp_avg_sq": v[k]}
