@@ -64,10 +64,11 @@ def assert_close_to_scale(actual, expected, rel: float, what: str = ""):
     return err / scale
 
 
-def assert_one_step_agrees(make_bundle, loss_fn, inputs) -> None:
+def assert_one_step_agrees(make_bundle, loss_fn, inputs, micro_batches=None, frozen=()) -> None:
     """One AdamW step of `loss_fn` on `make_bundle(backend)` (the same weights on each backend) from the same
-    inputs: the loss to 1e-5 relative and the updated weights to 1e-4 (see below) on MLX and torch.
-    eps 1e-4: tests/test_train_step.py says why element-wise AdamW comparisons need it."""
+    inputs (or accumulated over `micro_batches` instead): the loss to 1e-5 relative and the updated weights to
+    1e-4 (see below) on MLX and torch. eps 1e-4: tests/test_train_step.py says why element-wise AdamW
+    comparisons need it."""
     from dalle2_portable.backends import get_backend
     from dalle2_portable.train.optim import AdamW
 
@@ -75,7 +76,9 @@ def assert_one_step_agrees(make_bundle, loss_fn, inputs) -> None:
     for name in ("torch", "mlx"):
         b = get_backend(name)
         bundle = make_bundle(b)
-        after[name] = (b.train_step(bundle, loss_fn, AdamW(lr=1e-3, eps=1e-4))(*inputs, lr=1e-3), b.state_dict(bundle))
+        step = b.train_step(bundle, loss_fn, AdamW(lr=1e-3, eps=1e-4), frozen)
+        loss = step(*inputs, lr=1e-3) if micro_batches is None else step.accumulate(micro_batches, lr=1e-3)
+        after[name] = (loss, b.state_dict(bundle))
     assert abs(after["mlx"][0] - after["torch"][0]) <= 1e-5 * after["torch"][0]
     w_t, w_m = after["torch"][1], after["mlx"][1]
     # Of each tensor's scale, or of the step (lr) for a tensor still near zero (a zero-initialised bias). Elements
@@ -132,6 +135,7 @@ RUNS_ON = {
     "test_text_proj_parity.py::test_reduced_precision_against_fp32": ("torch",),
     "test_unet_parity.py::test_reduced_precision_against_fp32": ("torch",),
     "test_modules.py::test_mx_compile_runs_the_tree": ("mlx",),
+    "test_train_bf16.py::test_torch_device_without_bf16_is_one_line": ("torch",),
     "test_train_loop.py::test_sigkill_then_resume_is_bit_identical": ("first",),
     "test_train_loop.py::test_interrupted_checkpoint_write_keeps_the_previous": ("first",),
     "test_train_loop.py::test_bad_runs_are_one_line": ("first",),
@@ -165,6 +169,9 @@ SLOW = (
     "test_train_decoder.py::test_cli_trains_from_an_image_folder_and_reports_bad_records_in_one_line",
     "test_train_loop.py::test_prior_loss_falls_and_the_result_generates[[]mlx]",  # [[] is a literal [
     "*::test_reduced_precision_against_fp32*",
+    "test_train_bf16.py::test_bf16_step_follows_the_fp32_step*",  # and the other bfloat16 training checks
+    "test_train_bf16.py::test_bf16_master_weights_stay_float32_over_steps*",
+    "test_train_bf16.py::test_bf16_losses_agree_across_backends*",
     "*::test_mlx_matches_torch[*float16*",  # and bfloat16
 )
 

@@ -141,14 +141,18 @@ class Backend(ABC):
         return out
 
     @abstractmethod
-    def train_step(self, module, loss_fn: Callable, settings, frozen=()):
+    def train_step(self, module, loss_fn: Callable, settings, frozen=(), dtype: str = "float32"):
         """One optimiser step as a callable: `step(*inputs, lr=...)` -> the loss (float). The loss
         `loss_fn(F, module, *arrays)` is differentiated by the framework's autograd, the gradients clipped to
         `settings.max_grad_norm` (train/optim.py `AdamW`) and applied by the framework's AdamW, set up so both
         backends make the same update; the weights `frozen` names (see `frozen_names`) stay as they are.
+        `step.accumulate([inputs, ...], lr=...)` -> the mean loss: one step on the mean gradient of equally sized
+        micro-batches (`step(*inputs)` is `step.accumulate([inputs])`; backends/step.py holds the control flow).
+        `dtype`: the compute dtype, "float32" or "bfloat16" (mixed precision: the weights, gradients, moments and
+        update stay float32, the forward and backward run in bfloat16); `module` must hold float32 weights.
         `step.state()` / `step.load_state(d)`: the optimiser's step count and
         moments as {"step", "m.<name>", "v.<name>"} float32 NumPy in canonical names and layout, so a
-        checkpoint from one backend resumes on the other; `step.grad_norm`: the last gradient norm."""
+        checkpoint from one backend resumes on the other; `step.grad_norm`: the last (mean) gradient's norm."""
 
     @abstractmethod
     def weights(self, module) -> dict:

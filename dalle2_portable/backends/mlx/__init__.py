@@ -151,8 +151,8 @@ class MLXBackend(Backend):
 
         return fn
 
-    def train_step(self, module, loss_fn, settings, frozen=()):
-        return MLXTrainStep(self, module, loss_fn, settings, frozen)
+    def train_step(self, module, loss_fn, settings, frozen=(), dtype="float32"):
+        return MLXTrainStep(self, module, loss_fn, settings, frozen, dtype)
 
     def weights(self, module):
         return dict(tree_flatten(module.parameters()))

@@ -18,7 +18,28 @@ class Module(nn.Module):
         return self.forward(*args, **kwargs)
 
 
-Linear, Conv2d, LayerNorm, Embedding, Identity = nn.Linear, nn.Conv2d, nn.LayerNorm, nn.Embedding, nn.Identity
+LayerNorm, Embedding, Identity = nn.LayerNorm, nn.Embedding, nn.Identity
+
+
+def _in_weight_dtype(x: mx.array, layer: nn.Module) -> mx.array:
+    return x if x.dtype == layer.weight.dtype else x.astype(layer.weight.dtype)
+
+
+class Linear(nn.Linear):
+    """nn.Linear computing in its weight's dtype, as torch.autocast casts a matmul's inputs (MLX would promote a
+    float32 input and bfloat16 weights to a float32 product): bfloat16 training (backends/mlx/train.py) runs its
+    forward on bfloat16 weights with float32 inputs, which the loss reads at full precision. A no-op otherwise:
+    `Backend.run` hands a module inputs in its weights' dtype."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return super().__call__(_in_weight_dtype(x, self))
+
+
+class Conv2d(nn.Conv2d):
+    """nn.Conv2d computing in its weight's dtype (see Linear)."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return super().__call__(_in_weight_dtype(x, self))
 
 
 def ModuleList(modules) -> list:  # MLX finds modules in plain lists

@@ -89,8 +89,8 @@ class TorchBackend(Backend):
 
         return fn
 
-    def train_step(self, module, loss_fn, settings, frozen=()):
-        return TorchTrainStep(self, module, loss_fn, settings, frozen)
+    def train_step(self, module, loss_fn, settings, frozen=(), dtype="float32"):
+        return TorchTrainStep(self, module, loss_fn, settings, frozen, dtype)
 
     def weights(self, module):
         return {k: p.detach() for k, p in module.named_parameters()}

@@ -1,39 +1,66 @@
-"""The PyTorch training step: autograd, clip_grad_norm_, torch.optim.AdamW; state in canonical names."""
+"""The PyTorch training step: autograd, clip_grad_norm_, torch.optim.AdamW; state in canonical names. The
+control flow (micro-batches, the mean loss, the norm) is backends/step.py's; bfloat16 compute by torch.autocast."""
 
 from __future__ import annotations
+
+import contextlib
+import warnings
 
 import numpy as np
 import torch
 
 from ...errors import Dalle2Error
+from ..step import TrainStep
 
 
-class TorchTrainStep:
-    """`step(*inputs, lr=...)` -> the loss: one optimiser step on `loss_fn(F, module, *arrays)`."""
+def bfloat16_autocast(device: str):
+    """A factory of `torch.autocast` contexts computing in bfloat16 on `device`; a device that cannot (older MPS,
+    CUDA before Ampere) is a one-line error, found by a probe: torch either raises or warns and disables it."""
+    kind = device.split(":")[0]
+    why = "autocast left the product in float32"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        try:
+            with torch.autocast(device_type=kind, dtype=torch.bfloat16):
+                ok = (torch.ones(2, 2, device=device) @ torch.ones(2, 2, device=device)).dtype == torch.bfloat16
+        except (RuntimeError, UserWarning) as e:
+            ok, why = False, (str(e).strip().splitlines() or [type(e).__name__])[0]
+    if not ok:
+        raise Dalle2Error(f"torch cannot compute in bfloat16 on {device!r} ({why}); train with dtype float32")
+    return lambda: torch.autocast(device_type=kind, dtype=torch.bfloat16)
 
-    def __init__(self, backend, module, loss_fn, settings, frozen=()):
-        self.backend, self.module, self.loss_fn = backend, module, loss_fn
+
+class TorchTrainStep(TrainStep):
+    """backends/step.py's TrainStep on torch: gradients accumulate in the float32 parameters' `.grad`."""
+
+    def __init__(self, backend, module, loss_fn, settings, frozen=(), dtype="float32"):
+        super().__init__(backend, module, loss_fn, settings, dtype)
         named = dict(module.named_parameters())
         for k in backend.frozen_names(named, frozen):
             named.pop(k).requires_grad_(False)
         self.params = named
-        self.max_grad_norm = settings.max_grad_norm
         self.optimizer = torch.optim.AdamW(list(self.params.values()), lr=settings.lr, betas=settings.betas,
                                            eps=settings.eps, weight_decay=settings.weight_decay)
-        self.grad_norm = None  # the last step's global gradient norm, before clipping
+        self.compute = bfloat16_autocast(backend.device) if dtype == "bfloat16" else contextlib.nullcontext
 
-    def __call__(self, *inputs, lr: float) -> float:
-        args = self.backend.arrays(inputs)
+    def _start(self, lr):
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
+
+    def _add(self, args, k):
         with torch.enable_grad():
-            loss = self.loss_fn(self.backend.facade, self.module, *args)
-            loss.backward()
+            with self.compute():  # the forward only: backward runs each op in its forward's dtype
+                loss = self.loss_fn(self.backend.facade, self.module, *args)
+            (loss / k).backward()  # .grad sums over the micro-batches: their mean gradient after k
+        return float(loss.detach().float())
+
+    def _finish(self, k):
+        norm = None
         if self.max_grad_norm is not None:
-            self.grad_norm = float(torch.nn.utils.clip_grad_norm_(list(self.params.values()), self.max_grad_norm))
+            norm = torch.nn.utils.clip_grad_norm_(list(self.params.values()), self.max_grad_norm)
         self.optimizer.step()
-        return float(loss.detach())
+        return norm
 
     @property
     def steps(self) -> int:
