@@ -71,7 +71,41 @@ class UnCLIPSchedule:
             "posterior_log_variance_clipped": np.log(np.append(posterior_variance[1], posterior_variance[1:])),
             "log_betas": np.log(betas),
         }
+        # x0 from the model's output and x_t: x0 = `x0_from_sample` x_t + `x0_from_output` output
+        terms["x0_from_sample"], terms["x0_from_output"] = {
+            "epsilon": (terms["sqrt_recip_alphas_cumprod"], -terms["sqrt_recipm1_alphas_cumprod"]),
+            "sample": (np.zeros_like(ac), np.ones_like(ac)),
+            "v_prediction": (terms["sqrt_alphas_cumprod"], -terms["sqrt_one_minus_alphas_cumprod"]),
+        }[self.config.prediction_type]
         return {k: v[t].astype(F32) for k, v in terms.items()}
+
+    def training_target(self, x0: np.ndarray, noise: np.ndarray, t: np.ndarray) -> np.ndarray:
+        """What the model learns to output at x_t = sqrt(abar) x0 + sqrt(1 - abar) noise: the noise, x0, or
+        v = sqrt(abar) noise - sqrt(1 - abar) x0, by `config.prediction_type`; float32."""
+        kind = self.config.prediction_type
+        if kind == "epsilon":
+            return np.asarray(noise, F32)
+        if kind == "sample":
+            return np.asarray(x0, F32)
+        terms = self.training_terms(t)
+        shape = (-1,) + (1,) * (np.ndim(x0) - 1)
+        v = (terms["sqrt_alphas_cumprod"].reshape(shape) * noise
+             - terms["sqrt_one_minus_alphas_cumprod"].reshape(shape) * x0)
+        return v.astype(F32)
+
+    def min_snr_weights(self, t: np.ndarray, gamma: float | None) -> np.ndarray:
+        """Per-sample loss weights (B,) float32 of min-SNR-gamma (Hang et al. 2023), for this schedule's
+        prediction type: min(SNR, gamma) / SNR for epsilon, min(SNR, gamma) for x0, min(SNR, gamma) / (SNR + 1)
+        for v, with SNR = abar / (1 - abar) at t; all ones when gamma is None."""
+        t = np.asarray(t, np.int64)
+        if gamma is None:
+            return np.ones(t.shape, F32)
+        ac = self.alphas_cumprod.astype(np.float64)[t]
+        snr = ac / (1.0 - ac)
+        clipped = np.minimum(snr, gamma)
+        weight = {"epsilon": clipped / snr, "sample": clipped,
+                  "v_prediction": clipped / (snr + 1.0)}[self.config.prediction_type]
+        return weight.astype(F32)
 
     def timesteps(self, num_inference_steps: int) -> np.ndarray:
         """The descending int64 timesteps `UnCLIPScheduler.set_timesteps` makes: round(i * (T-1)/(n-1)) for
@@ -130,9 +164,18 @@ class UnCLIPSchedule:
         return model_output, None
 
     def _predict_x0(self, model_output: np.ndarray, sample: np.ndarray, a_t: np.float32) -> np.ndarray:
-        if self.config.prediction_type == "epsilon":
-            return (sample - F32((F32(1.0) - a_t) ** F32(0.5)) * model_output) / F32(a_t ** F32(0.5))
-        return model_output
+        return self._x0_and_eps(model_output, sample, a_t)[0]
+
+    def _x0_and_eps(self, model_output: np.ndarray, sample: np.ndarray, a_t: np.float32):
+        """(x0, epsilon) from the model's prediction of `config.prediction_type` (diffusers' DDIMScheduler
+        formulas; v = sqrt(abar) eps - sqrt(1 - abar) x0)."""
+        kind = self.config.prediction_type
+        root_a, root_b = F32(a_t ** F32(0.5)), F32((F32(1.0) - a_t) ** F32(0.5))
+        if kind == "epsilon":
+            return (sample - root_b * model_output) / root_a, model_output
+        if kind == "v_prediction":
+            return root_a * sample - root_b * model_output, root_a * model_output + root_b * sample
+        return model_output, (sample - root_a * model_output) / root_b
 
     def _clip(self, x0: np.ndarray) -> np.ndarray:
         if self.config.clip_sample:
@@ -150,11 +193,7 @@ class UnCLIPSchedule:
         sample = np.asarray(sample, F32)
         model_output, _ = self._split_variance(np.asarray(model_output, F32), sample)
         a_t, a_prev = self._alpha_prod(t), self._alpha_prod(prev)
-        x0 = self._predict_x0(model_output, sample, a_t)
-        if self.config.prediction_type == "epsilon":
-            eps = model_output
-        else:
-            eps = (sample - F32(a_t ** F32(0.5)) * x0) / F32((F32(1.0) - a_t) ** F32(0.5))
+        x0, eps = self._x0_and_eps(model_output, sample, a_t)
         x0 = self._clip(x0)
         prev_sample = F32(a_prev ** F32(0.5)) * x0 + F32((F32(1.0) - a_prev) ** F32(0.5)) * eps
         return prev_sample.astype(F32), np.asarray(x0, F32)

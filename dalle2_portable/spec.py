@@ -463,6 +463,9 @@ class UNet2DConfig(_UNetConfig):
         return cls(**cls._common_from_hf(d, where))
 
 
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")  # diffusers' names; UnCLIPScheduler has the first two
+
+
 @dataclass(frozen=True)
 class SchedulerConfig(_Config):
     """diffusers `UnCLIPScheduler` (reference karlo-v1-alpha.md section 7): the squared-cosine schedule of
@@ -471,14 +474,14 @@ class SchedulerConfig(_Config):
     TYPE: ClassVar[str] = "unclip_scheduler"
     num_train_timesteps: int = 1000
     variance_type: str = "fixed_small_log"  # or "learned_range" (the decoder's 6-channel output)
-    prediction_type: str = "epsilon"  # or "sample" (the prior predicts x0)
+    prediction_type: str = "epsilon"  # or "sample" (x0; Karlo's prior) or "v_prediction" (Salimans & Ho 2022)
     clip_sample: bool = True
     clip_sample_range: float = 1.0
     beta_schedule: str = "squaredcos_cap_v2"  # the only one UnCLIPScheduler has
 
     def __post_init__(self):
         for key, ok in (("variance_type", ("fixed_small_log", "learned_range")),
-                        ("prediction_type", ("epsilon", "sample")), ("beta_schedule", ("squaredcos_cap_v2",))):
+                        ("prediction_type", PREDICTION_TYPES), ("beta_schedule", ("squaredcos_cap_v2",))):
             if getattr(self, key) not in ok:
                 raise unsupported(key, getattr(self, key), "scheduler config", ok)
 

@@ -19,7 +19,8 @@ KARLO = {
     "decoder": dict(variance_type="learned_range", prediction_type="epsilon", clip_sample_range=1.0),
     "super_res": dict(variance_type="fixed_small_log", prediction_type="epsilon", clip_sample_range=1.0),
 }
-SHAPES = {"prior": (2, 8), "decoder": (2, 3, 4, 4), "super_res": (2, 3, 4, 4)}
+SHAPES = {"prior": (2, 8), "decoder": (2, 3, 4, 4), "super_res": (2, 3, 4, 4), "v": (2, 3, 4, 4)}
+V = dict(variance_type="fixed_small_log", prediction_type="v_prediction", clip_sample_range=1.0)  # ours only
 
 
 def test_tables_equal_diffusers():
@@ -106,13 +107,13 @@ def test_learned_range_needs_the_variance_and_noise_is_required():
     assert out.shape == x.shape
 
 
-@pytest.mark.parametrize("stage", list(KARLO))
+@pytest.mark.parametrize("stage", list(KARLO) + ["v"])
 def test_ddim_steps_equal_diffusers(stage):
     """Our DDIM step against diffusers' DDIMScheduler (eta 0, the same cosine betas, set_alpha_to_one) over a
     whole chain of its own uniform timesteps, fed the same model outputs."""
     from diffusers import DDIMScheduler
 
-    cfg = SchedulerConfig(**KARLO[stage])
+    cfg = SchedulerConfig(**(V if stage == "v" else KARLO[stage]))
     ref = DDIMScheduler(beta_schedule="squaredcos_cap_v2", clip_sample=True, set_alpha_to_one=True,
                         clip_sample_range=cfg.clip_sample_range, prediction_type=cfg.prediction_type)
     ref.set_timesteps(10)

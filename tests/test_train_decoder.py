@@ -39,7 +39,7 @@ def _inputs(spec, seed: int = 0):
     c = tp.clip_embeddings_dim
     return (x_t, T, rng.standard_normal((b, c), dtype=np.float32), np.array([[False], [True], [False], [False]]),
             rng.standard_normal((b, c), dtype=np.float32), rng.standard_normal((b, tokens, c), dtype=np.float32),
-            mask, x0, noise, terms), text_mask
+            mask, x0, noise, np.ones(b, np.float32), terms), text_mask
 
 
 def _bundle(backend: str, model_dir):
@@ -55,7 +55,7 @@ def test_decoder_loss_equals_diffusers(models, backend):
     b, bundle, spec = _bundle(backend, models["iv"])
     inputs, text_mask = _inputs(spec)
     ours, _ = b.value_and_grad(bundle, decoder_loss)(*inputs)
-    x_t, t, image, drop, embeds, states, _, x0, noise, terms = inputs
+    x_t, t, image, drop, embeds, states, _, x0, noise, _, terms = inputs
     text_proj = UnCLIPTextProjModel.from_pretrained(models["iv_src"], subfolder="text_proj").eval()
     unet = UNet2DConditionModel.from_pretrained(models["iv_src"], subfolder="decoder").eval()
     with torch.no_grad():

@@ -30,7 +30,8 @@ def _batch(seed=0):
 
 
 def test_the_batch_is_what_sampling_feeds():
-    data, (sample, t, noise), rng = _batch()
+    data, (sample, t, noise, weights), rng = _batch()
+    assert np.array_equal(weights, np.ones(4, np.float32))  # no min-SNR weighting unless asked
     rng.integers(0, 1000, 4)  # replay the draws: timesteps, noise, augmentation
     assert np.array_equal(noise, rng.standard_normal(noise.shape, dtype=np.float32))
     augment = rng.standard_normal((4, 3, 8, 8), dtype=np.float32)

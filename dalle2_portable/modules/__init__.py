@@ -16,6 +16,11 @@ modules. Children made in `__init__` are twins of the same facade, because they 
 Modules call `forward` (the facade's `Module` maps MLX's `__call__` to it). Feature maps enter and leave the
 components in canonical NCHW; inside they are in the facade's layout (`F.to_layout` / `F.from_layout`, NHWC in
 MLX), and every layout-dependent step is a facade call, so the same code is right in both.
+
+Gradient checkpointing: a component calls its big blocks (UNet blocks, transformer layers) through
+`self.call_block(block, *args)`, which is `block(*args)`, or `F.checkpoint(block, *args)` (the block's activations
+recomputed in the backward pass instead of stored) once `gradient_checkpointing(tree)` has turned it on. The same
+math either way; only the memory a backward pass holds changes.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ FACADE = {
                "Parameter"),
     "ops": ("float32", "cast", "constant", "arange", "cat", "split", "permute", "pad", "broadcast_to", "exp",
             "log", "sin", "cos", "tanh", "sqrt", "sigmoid", "gelu", "silu", "clip", "where", "mean", "sum",
-            "logsumexp", "stop_gradient", "sdpa"),
+            "logsumexp", "stop_gradient", "sdpa", "checkpoint"),
     "layout": ("CHANNELS", "to_layout", "from_layout", "channel_vector", "flatten_spatial", "unflatten_spatial",
                "avg_pool2", "upsample2"),
 }
@@ -64,6 +69,15 @@ class Module:
     """The base of every component class. `self.F` is the facade of the backend the instance was built for."""
 
     F: ClassVar[Any]  # set on the native twins only
+    _gradient_checkpointing: bool = False  # set per instance by `gradient_checkpointing`
+
+    def call_block(self, block, *args, **kwargs):
+        """`block(*args, **kwargs)`, under `F.checkpoint` when gradient checkpointing is on for this tree. Every
+        array the block's gradient flows into must come in through the arguments (its own weights are handled
+        by F.checkpoint), and the block must not mutate them: a checkpointed block runs again in the backward."""
+        if self._gradient_checkpointing:
+            return self.F.checkpoint(block, *args, **kwargs)
+        return block(*args, **kwargs)
 
     def __new__(cls, *args, **kwargs):
         if "F" not in cls.__dict__:  # a backend-neutral class: make its twin on the facade being built
@@ -84,3 +98,13 @@ class Bundle(Module):
         super().__init__()
         for name, module in parts.items():
             setattr(self, name, module)
+
+
+def gradient_checkpointing(module, on: bool = True):
+    """Turn gradient checkpointing on (or off) for every component in a built tree (a component, or a Bundle of
+    them), in place; returns `module`. `.modules()` is the native walk over a tree, self included, in torch and
+    in MLX alike. Changes memory and time only: the outputs and the gradients are the same."""
+    for m in module.modules():
+        if isinstance(m, Module):
+            m._gradient_checkpointing = bool(on)
+    return module

@@ -62,7 +62,7 @@ class CLIPEncoder(Module):
 
     def forward(self, x, causal: bool):
         for layer in self.layers:
-            x = layer(x, causal)
+            x = self.call_block(layer, x, causal)  # under gradient checkpointing when it is on
         return x
 
 

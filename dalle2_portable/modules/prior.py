@@ -136,7 +136,7 @@ class PriorTransformer(Module):
         x = x + F.cast(self.positional_embedding, x.dtype)
         mask = None if attention_mask is None else F.cast(attention_mask[:, None], x.dtype)  # (B, 1, L, L): heads
         for block in self.transformer_blocks:
-            x = block(x, mask)
+            x = self.call_block(block, x, mask)  # under gradient checkpointing when it is on
         x = self.norm_out(x)
         return self.proj_to_clip_embeddings(x[:, -1])  # the prd token -> (B, clip_embed_dim)
 

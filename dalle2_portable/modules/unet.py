@@ -208,9 +208,10 @@ class UpBlock(_Block):
             if plan.resample else None
 
     def forward(self, x, skips: list, temb, context, mask):
-        """Consumes one skip per resnet from the end of `skips`, the latest first (diffusers' [-1])."""
+        """`skips`: this block's, one per resnet, taken from the end, the latest first (diffusers' [-1]). Read,
+        not popped: a checkpointed block runs twice on the same arguments."""
         for i, resnet in enumerate(self.resnets):
-            x = self.F.cat([x, skips.pop()], axis=self.F.CHANNELS)
+            x = self.F.cat([x, skips[-1 - i]], axis=self.F.CHANNELS)
             x = self.attend(i, resnet(x, temb), context, mask)
         if self.upsamplers is not None:
             x = self.upsamplers[0](x, temb)
@@ -252,10 +253,12 @@ class UNet(Module):
             emb = emb + F.cast(class_labels, sample.dtype)
         x = self.conv_in(F.to_layout(sample))
         skips = [x]
-        for block in self.down_blocks:
-            x, res = block(x, emb, encoder_hidden_states, attention_mask)
+        for block in self.down_blocks:  # each block under gradient checkpointing when it is on (call_block)
+            x, res = self.call_block(block, x, emb, encoder_hidden_states, attention_mask)
             skips += res
-        x = self.mid_block(x, emb, encoder_hidden_states, attention_mask)
+        x = self.call_block(self.mid_block, x, emb, encoder_hidden_states, attention_mask)
         for block in self.up_blocks:
-            x = block(x, skips, emb, encoder_hidden_states, attention_mask)
+            n = len(block.resnets)  # the skips it consumes
+            x = self.call_block(block, x, skips[-n:], emb, encoder_hidden_states, attention_mask)
+            del skips[-n:]
         return F.from_layout(self.conv_out(F.silu(self.conv_norm_out(x))))

@@ -41,7 +41,7 @@ from ..images import write_atomic
 from ..modules.init import initial_weights
 from ..pipeline import tqdm_progress
 from ..schedule import UnCLIPSchedule
-from ..spec import COMPONENT_NAMES, Component, ModelSpec, Source
+from ..spec import COMPONENT_NAMES, PREDICTION_TYPES, Component, ModelSpec, Source
 from . import checkpoint as ckpt_io
 from .curve import write_curve
 from .data import Dataset, ImageFolder, cache_embeddings, embedding_size
@@ -50,8 +50,7 @@ from .shapes import ShapesDataset
 from .stages import BATCHES, COMPONENTS, FROZEN, LOSSES, PRESETS, SCHEDULERS, preset_configs
 
 STAGES = tuple(COMPONENTS)
-PREDICTS = {"prior": "sample", "decoder": "epsilon", "super_res": "epsilon"}
-CLIP_INITIAL_SCALE = math.log(1 / 0.07)  # CLIP's initial temperature  # the prediction each stage's loss trains
+CLIP_INITIAL_SCALE = math.log(1 / 0.07)  # CLIP's initial temperature
 
 
 @dataclass(frozen=True)
@@ -71,6 +70,9 @@ class TrainSettings:
     caption_drop: float = 0.5  # decoder: the caption
     image_size: int = 32  # from scratch: the decoder's / the super-res UNet's sample size
     sr_noise: float = 0.0  # super-res: std of the noise added to the small image (augmentation)
+    prediction: str | None = None  # what the UNet / prior learns to output (recorded in the model's scheduler):
+    #                                "epsilon", "sample" (x0) or "v_prediction"; None: the base model's, else Karlo's
+    min_snr_gamma: float | None = None  # min-SNR-gamma loss weighting (Hang et al. 2023; 5 is the paper's)
     checkpoint_every: int = 100
     seed: int = 0
     data_size: int = 1000  # items of the shapes data
@@ -85,6 +87,12 @@ class TrainSettings:
                 raise Dalle2Error(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if self.sr_noise < 0:
             raise Dalle2Error(f"sr_noise must be >= 0, got {self.sr_noise}")
+        if not 0.0 <= self.ema_max_decay < 1.0:
+            raise Dalle2Error(f"ema must be in [0, 1) (0: no averaging), got {self.ema_max_decay}")
+        if self.prediction is not None and self.prediction not in PREDICTION_TYPES:
+            raise Dalle2Error(f"unknown prediction {self.prediction!r}; choose one of {', '.join(PREDICTION_TYPES)}")
+        if self.min_snr_gamma is not None and not self.min_snr_gamma > 0:
+            raise Dalle2Error(f"min_snr_gamma must be positive (5 is usual), got {self.min_snr_gamma}")
         self.optimizer  # AdamW checks its settings
 
     @property
@@ -170,10 +178,7 @@ def train(stage: str, data, out, model, config: str | None = None, settings: Tra
         embeddings = cache_embeddings(dataset, clip, run / "embeddings", progress=progress)
         uncond = clip.text_condition([""])
     configs = _configs(stage, spec, embeddings, config, settings)
-    scheduler = spec.schedulers.get(stage, SCHEDULERS.get(stage))
-    if stage in PREDICTS and scheduler.prediction_type != PREDICTS[stage]:
-        raise Dalle2Error(f"the base model's {stage} scheduler predicts {scheduler.prediction_type!r}; this "
-                          f"version trains the {stage} on {PREDICTS[stage]!r} predictions, as Karlo's")
+    scheduler = _scheduler(stage, spec, settings)
     record["components"] = {name: cfg.to_dict() for name, cfg in configs.items()}
     run.mkdir(parents=True, exist_ok=True)
     write_atomic(run / "run.json", lambda f: f.write(json.dumps(record, indent=1).encode()), True, ".json")
@@ -239,6 +244,19 @@ def train(stage: str, data, out, model, config: str | None = None, settings: Tra
     # a super-res UNet trained from scratch serves every step: the base's super_res_last belonged to another
     drop = ("super_res_last",) if stage == "super_res" and config is not None else ()
     return _write_model(run, base, spec, configs, scheduler, stage, b.to_numpy(bundle, ema.shadow), drop)
+
+
+def _scheduler(stage: str, spec: ModelSpec, settings: TrainSettings):
+    """The stage's scheduler: the base model's (else Karlo's), predicting `settings.prediction` if given; the
+    result's model.json records it, so sampling reads the prediction the model was trained on."""
+    if stage == "clip":
+        if settings.prediction or settings.min_snr_gamma:
+            raise Dalle2Error("the CLIP stage is no diffusion: drop --prediction and --min-snr-gamma")
+        return None
+    scheduler = spec.schedulers.get(stage, SCHEDULERS[stage])
+    if settings.prediction:
+        scheduler = dataclasses.replace(scheduler, prediction_type=settings.prediction)
+    return scheduler
 
 
 @dataclass

@@ -19,9 +19,12 @@ import math
 LOG2 = math.log(2.0)
 
 
-def mse(F, prediction, target):
-    """Mean squared error over every element."""
-    return F.mean((prediction - target) ** 2)
+def mse(F, prediction, target, weights=None):
+    """Mean squared error over every element; with per-sample `weights` (B,) (min-SNR-gamma), the batch mean
+    of each sample's weighted mean squared error (the same when every weight is 1)."""
+    if weights is None:
+        return F.mean((prediction - target) ** 2)
+    return F.mean(weights * _per_sample_mean(F, (prediction - target) ** 2))
 
 
 def _per_sample_mean(F, x):
@@ -53,15 +56,16 @@ def discretized_gaussian_log_likelihood(F, x, means, log_scales):
 
 
 def variational_bound(F, model_output, x_start, x_t, t, terms):
-    """improved DDPM's L_vlb for an epsilon model with a learned_range variance, per sample (B,), in bits/dim.
+    """improved DDPM's L_vlb for a model with a learned_range variance, per sample (B,), in bits/dim.
 
-    model_output (B, 2C, H, W): predicted noise, then the variance channels v in [-1, 1] (log variance =
+    model_output (B, 2C, H, W): the prediction (noise, x0 or v: the terms' `x0_from_sample` / `x0_from_output`
+    turn it into x0), then the variance channels v in [-1, 1] (log variance =
     (v + 1)/2 log beta_t + (1 - v)/2 log posterior variance); x_start the clean images, x_t the noised ones;
-    t (B,) the integer timesteps; terms: `UnCLIPSchedule.training_terms(t)` as backend arrays. The predicted
-    noise is held fixed (stop_gradient), so this term trains only the variance and the epsilon MSE the mean,
+    t (B,) the integer timesteps; terms: `UnCLIPSchedule.training_terms(t)` as backend arrays. The
+    prediction is held fixed (stop_gradient), so this term trains only the variance and the MSE the mean,
     as in the paper's hybrid objective L_simple + lambda L_vlb."""
     c = x_start.shape[1]
-    eps = F.stop_gradient(model_output[:, :c])
+    prediction = F.stop_gradient(model_output[:, :c])
     v = model_output[:, c:]
 
     def per_sample(name):  # (B,) -> (B, 1, 1, 1)
@@ -70,7 +74,7 @@ def variational_bound(F, model_output, x_start, x_t, t, terms):
     frac = (v + 1.0) / 2.0
     min_log = per_sample("posterior_log_variance_clipped")
     model_log_variance = frac * per_sample("log_betas") + (1.0 - frac) * min_log
-    pred_x0 = per_sample("sqrt_recip_alphas_cumprod") * x_t - per_sample("sqrt_recipm1_alphas_cumprod") * eps
+    pred_x0 = per_sample("x0_from_sample") * x_t + per_sample("x0_from_output") * prediction
     coef1, coef2 = per_sample("posterior_mean_coef1"), per_sample("posterior_mean_coef2")
     model_mean = coef1 * pred_x0 + coef2 * x_t
     true_mean = coef1 * x_start + coef2 * x_t

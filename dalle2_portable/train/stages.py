@@ -103,24 +103,29 @@ def _noised(schedule, x0: np.ndarray, t: np.ndarray, noise: np.ndarray):
     return x_t.astype(np.float32), terms
 
 
+def _target(ctx, x0: np.ndarray, noise: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(what the model learns to output, the per-sample min-SNR weights) by the stage's scheduler."""
+    return ctx.schedule.training_target(x0, noise, t), ctx.schedule.min_snr_weights(t, ctx.settings.min_snr_gamma)
+
+
 def prior_batch(ctx, rng: np.random.Generator, idx: np.ndarray) -> tuple:
-    """(x_t, t, caption embeds, states, attention mask, z_0) for the items `idx`."""
+    """(x_t, t, caption embeds, states, attention mask, target, weights) for the items `idx`."""
     bs = len(idx)
     t = rng.integers(0, ctx.schedule.config.num_train_timesteps, bs)
     z0 = ctx.targets[idx].astype(np.float32)
     noise = rng.standard_normal(z0.shape, dtype=np.float32)
     text = drop_captions(ctx.embeddings.text_condition(idx), ctx.uncond, rng.random(bs) < ctx.settings.cond_drop)
     x_t, _ = _noised(ctx.schedule, z0, t, noise)
-    return x_t, t, text.embeds, text.states, prior_attention_mask(text.mask), z0
+    return (x_t, t, text.embeds, text.states, prior_attention_mask(text.mask)) + _target(ctx, z0, noise, t)
 
 
-def prior_loss(F, bundle, x_t, t, text_embeds, text_states, mask, target):
-    return losses.mse(F, bundle.prior(x_t, t, text_embeds, text_states, mask), target)
+def prior_loss(F, bundle, x_t, t, text_embeds, text_states, mask, target, weights):
+    return losses.mse(F, bundle.prior(x_t, t, text_embeds, text_states, mask), target, weights)
 
 
 def decoder_batch(ctx, rng: np.random.Generator, idx: np.ndarray) -> tuple:
-    """(x_t, t, image embeddings, image-dropped rows, caption embeds, states, context mask, x_0, noise, the
-    schedule's terms) for the items `idx`."""
+    """(x_t, t, image embeddings, image-dropped rows, caption embeds, states, context mask, x_0, target,
+    weights, the schedule's terms) for the items `idx`."""
     bs = len(idx)
     x0 = ctx.dataset.pixels(idx, ctx.image_size)
     t = rng.integers(0, ctx.schedule.config.num_train_timesteps, bs)
@@ -131,24 +136,26 @@ def decoder_batch(ctx, rng: np.random.Generator, idx: np.ndarray) -> tuple:
     extra = ctx.extra_tokens  # text_proj's image tokens, always attended
     mask = decoder_attention_mask(np.pad(text.mask, ((0, 0), (extra, 0)), constant_values=True))
     return (x_t, t, ctx.embeddings.image_embeddings(idx), drop_image[:, None], text.embeds, text.states, mask, x0,
-            noise, terms)
+            *_target(ctx, x0, noise, t), terms)
 
 
-def decoder_loss(F, bundle, x_t, t, image_embeds, drop_image, text_embeds, text_states, mask, x0, noise, terms):
-    """Epsilon MSE, plus the variational bound when the decoder outputs its variance too (2C channels)."""
+def decoder_loss(F, bundle, x_t, t, image_embeds, drop_image, text_embeds, text_states, mask, x0, target,
+                 weights, terms):
+    """The prediction's (weighted) MSE, plus the variational bound when the decoder outputs its variance too
+    (2C channels)."""
     learned = bundle.text_proj.learned_classifier_free_guidance_embeddings
     image_embeds = F.where(drop_image, learned[None], image_embeds)
     context, time = bundle.text_proj(image_embeds, text_embeds, text_states)
     out = bundle.decoder(x_t, t, context, time, mask)
     c = x0.shape[1]
-    loss = losses.mse(F, out[:, :c], noise)
+    loss = losses.mse(F, out[:, :c], target, weights)
     if out.shape[1] == 2 * c:
         loss = loss + F.mean(losses.variational_bound(F, out, x0, x_t, t, terms))
     return loss
 
 
 def super_res_batch(ctx, rng: np.random.Generator, idx: np.ndarray) -> tuple:
-    """(x_t concatenated with the upscaled small image, t, noise) for the items `idx`."""
+    """(x_t concatenated with the upscaled small image, t, target, weights) for the items `idx`."""
     bs = len(idx)
     x0 = ctx.dataset.pixels(idx, ctx.image_size)
     small = ctx.dataset.pixels(idx, ctx.low_size)
@@ -157,11 +164,11 @@ def super_res_batch(ctx, rng: np.random.Generator, idx: np.ndarray) -> tuple:
     augment = rng.standard_normal(small.shape, dtype=np.float32)
     up = upscale_bicubic(small + np.float32(ctx.settings.sr_noise) * augment, ctx.image_size)
     x_t, _ = _noised(ctx.schedule, x0, t, noise)
-    return np.concatenate([x_t, up], axis=1), t, noise
+    return (np.concatenate([x_t, up], axis=1), t) + _target(ctx, x0, noise, t)
 
 
-def super_res_loss(F, bundle, sample, t, noise):
-    return losses.mse(F, bundle.super_res_first(sample, t), noise)
+def super_res_loss(F, bundle, sample, t, target, weights):
+    return losses.mse(F, bundle.super_res_first(sample, t), target, weights)
 
 
 def clip_batch(ctx, rng: np.random.Generator, idx: np.ndarray) -> tuple:

@@ -8,6 +8,8 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from mlx.nn.utils import checkpoint as _module_checkpoint
+from mlx.utils import tree_map
 
 
 # -- layers ---------------------------------------------------------------------------------------------------
@@ -106,6 +108,31 @@ def logsumexp(x: mx.array, axis: int, keepdims: bool = False) -> mx.array:
 def sdpa(q, k, v, scale: float, causal: bool, mask):
     """Scaled dot-product attention on (B, H, L, hd); `mask` additive or None."""
     return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask="causal" if causal else mask)
+
+
+def checkpoint(block: nn.Module, *args, **kwargs):
+    """`block(*args, **kwargs)`, its activations recomputed in the backward pass instead of stored. `block` must
+    be a module and return arrays (in tuples, lists or dicts): `mx.checkpoint` differentiates only a function's
+    inputs, so `mlx.nn.utils.checkpoint` passes the block's trainable parameters in explicitly; other arrays the
+    gradient flows into must be arguments. Each distinct array leaves the checkpoint once: `mx.checkpoint`
+    (MLX 0.32) keeps only one cotangent of an array it returns twice (the UNet's down blocks return their
+    output again among their skips), so the tree is rebuilt outside it."""
+    tree = {}
+
+    def distinct(*a, **kw):
+        arrays, index = [], {}
+
+        def slot(x):
+            if id(x) not in index:
+                index[id(x)] = len(arrays)
+                arrays.append(x)
+            return index[id(x)]
+
+        tree["slots"] = tree_map(slot, block(*a, **kw))
+        return arrays
+
+    arrays = _module_checkpoint(block, distinct)(*args, **kwargs)
+    return tree_map(lambda i: arrays[i], tree["slots"])
 
 
 # -- layout: NHWC ---------------------------------------------------------------------------------------------

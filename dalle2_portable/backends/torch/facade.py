@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as tF
+import torch.utils.checkpoint
 from torch import nn
 
 # -- layers ---------------------------------------------------------------------------------------------------
@@ -82,6 +83,15 @@ def logsumexp(x: torch.Tensor, axis: int, keepdims: bool = False) -> torch.Tenso
 def sdpa(q, k, v, scale: float, causal: bool, mask):
     """Scaled dot-product attention on (B, H, L, hd); `mask` additive or None."""
     return tF.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
+
+
+def checkpoint(block, *args, **kwargs):
+    """`block(*args, **kwargs)` (a module, or any callable), its activations recomputed in the backward pass
+    instead of stored: torch's non-reentrant checkpoint, which follows weights and closures too. A plain call
+    where no graph is being recorded (inference)."""
+    if not torch.is_grad_enabled():
+        return block(*args, **kwargs)
+    return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False, **kwargs)
 
 
 # -- layout: NCHW ---------------------------------------------------------------------------------------------
