@@ -36,9 +36,10 @@ def _delta(weights: dict, stage: str) -> np.ndarray:
 @pytest.mark.parametrize("stage", STAGES)
 @pytest.mark.parametrize("backend", backend_params())
 def test_bf16_step_follows_the_fp32_step(backend, stage):
-    """Over 10 batches (eps 1e-4, as the element-wise comparisons elsewhere) measured: the loss within 3.1e-3
-    relative of float32's, the cosine of the weights' deltas >= 0.9971 (prior 0.9982) and their relative
-    difference 2.3e-2 to 7.4e-2 (bfloat16's 8-bit mantissa, so a 1e-4 floor shows it computed in bfloat16)."""
+    """Measured over 30 batches (eps 1e-4, as the element-wise comparisons elsewhere): the loss within 6.3e-3
+    relative of float32's (this batch 1.4e-3), the cosine of the weights' deltas >= 0.9950 (this batch 0.9978)
+    and their relative difference 2e-2 to 7e-2 (bfloat16's 8-bit mantissa: the 1e-4 floor shows that the step
+    did compute in bfloat16)."""
     inputs = stage_inputs(stage, 4, seed=7)
     loss32, w32, _ = _one_step(backend, stage, "float32", inputs)
     loss16, w16, dtypes = _one_step(backend, stage, "bfloat16", inputs)
@@ -72,7 +73,8 @@ def test_bf16_master_weights_stay_float32_over_steps(backend):
 @pytest.mark.skipif(len(BACKENDS) < 2, reason="needs both backends")
 @pytest.mark.parametrize("stage", STAGES)
 def test_bf16_losses_agree_across_backends(stage):
-    """torch.autocast and MLX's bfloat16 weight copies round differently; measured within 2.4e-3 relative."""
+    """torch.autocast and MLX's bfloat16 weight copies round differently: measured within 4.5e-3 relative over
+    30 batches (this one 1.2e-3)."""
     inputs = stage_inputs(stage, 4, seed=11)
     losses = {name: _one_step(name, stage, "bfloat16", inputs)[0] for name in ("torch", "mlx")}
     assert abs(losses["mlx"] - losses["torch"]) <= 2e-2 * losses["torch"], losses
