@@ -3,6 +3,7 @@ backend against diffusers' own UNet2DConditionModel + torch.optim.AdamW, same we
 
     python benchmarks/train_speed.py [--size small|karlo] [--batch 4] [--steps 4] [--repeat 2] [--width 1]
                                      [--device cpu] [--backends torch,mlx] [--hybrid] [--profile] [--workdir DIR]
+                                     [--variants gc,bf16,gc+bf16]
 
 The model is benchmarks/generate_speed.py's SMALL["decoder"] (Karlo's block types: ResnetDownsampleBlock2D +
 SimpleCrossAttn blocks, scale_shift, identity class embedding, 6 output channels for the learned variance; 64 px,
@@ -61,7 +62,8 @@ def decoder_sizes(size: str, width: float) -> dict:
         sizes = dict(KARLO["decoder"])
     else:
         sizes = dict(SMALL["decoder"])
-    sizes["block_out_channels"] = tuple(max(32, int(round(c * width / 32)) * 32)
+    step = max(32, sizes.get("attention_head_dim", 32))  # channels divide into whole heads
+    sizes["block_out_channels"] = tuple(max(step, int(round(c * width / step)) * step)
                                         for c in sizes["block_out_channels"])
     return sizes
 
@@ -124,6 +126,7 @@ def worker(row: str, root: Path, device: str, steps: int, repeat: int, profile: 
     d = dict(np.load(root / "batch.npz"))
     terms = {k[6:]: d.pop(k) for k in list(d) if k.startswith("terms.")}
     kind, objective = row.split(":")
+    objective, *mods = objective.split("+")  # +gc: gradient checkpointing, +bf16: bfloat16 autocast / compute
     phases = None
     if kind == "diffusers":
         import torch
@@ -134,14 +137,17 @@ def worker(row: str, root: Path, device: str, steps: int, repeat: int, profile: 
         unet = UNet2DConditionModel.from_config(config).to(device)
         unet.load_state_dict(load_file(str(root / "decoder.safetensors")), strict=True)
         unet.train()
+        if "gc" in mods:
+            unet.enable_gradient_checkpointing()
         params = list(unet.parameters())
         opt = torch.optim.AdamW(params, lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
         names = ("x_t", "t", "context", "time_embedding", "keep", "noise")
 
         def forward():
             x_t, t, ctx, temb, keep, noise = (torch.from_numpy(d[k]).to(device) for k in names)
-            out = unet(x_t, t, encoder_hidden_states=ctx, class_labels=temb, attention_mask=keep).sample
-            return torch.nn.functional.mse_loss(out[:, :3], noise)
+            with torch.autocast(device.split(":")[0], torch.bfloat16, enabled="bf16" in mods):
+                out = unet(x_t, t, encoder_hidden_states=ctx, class_labels=temb, attention_mask=keep).sample
+            return torch.nn.functional.mse_loss(out[:, :3].float(), noise)
 
         def update():
             torch.nn.utils.clip_grad_norm_(params, CLIP)
@@ -160,6 +166,7 @@ def worker(row: str, root: Path, device: str, steps: int, repeat: int, profile: 
         from safetensors.numpy import load_file
 
         from dalle2_portable.backends import get_backend
+        from dalle2_portable.modules import gradient_checkpointing
         from dalle2_portable.spec import UNet2DConditionConfig
         from dalle2_portable.train.optim import AdamW
 
@@ -168,7 +175,9 @@ def worker(row: str, root: Path, device: str, steps: int, repeat: int, profile: 
         unet = backend.build("unet2d_condition", config)
         backend.load_weights(unet, load_file(str(root / "decoder.safetensors")))
         loss_fn = dict(eps=eps_loss, hybrid=hybrid_loss)[objective]
-        train_step = backend.train_step(unet, loss_fn, AdamW(lr=LR, max_grad_norm=CLIP))
+        gradient_checkpointing(unet, "gc" in mods)
+        train_step = backend.train_step(unet, loss_fn, AdamW(lr=LR, max_grad_norm=CLIP),
+                                        dtype="bfloat16" if "bf16" in mods else "float32")
         inputs = (d["x_t"], d["t"], d["context"], d["time_embedding"], d["mask"], d["x0"], d["noise"], terms)
 
         def step():
@@ -235,6 +244,9 @@ def main() -> None:
     ap.add_argument("--backends", default="torch,mlx")
     ap.add_argument("--hybrid", action="store_true", help="also time ours with epsilon MSE + variational bound")
     ap.add_argument("--profile", action="store_true", help="split the torch rows' step into its phases")
+    ap.add_argument("--variants", default="", help="also rows with these, comma-separated: gc (gradient "
+                    "checkpointing; the peer's enable_gradient_checkpointing), bf16 (mixed precision; the peer "
+                    "under torch.autocast), gc+bf16")
     ap.add_argument("--threads", type=int, default=0,
                     help="CPU threads per row (torch, OpenMP, OpenBLAS); 0: the frameworks' defaults")
     ap.add_argument("--workdir", default=None)
@@ -261,6 +273,8 @@ def main() -> None:
     backends = args.backends.split(",")
     rows = ["diffusers:eps", *(f"{b}:eps" for b in backends)]
     rows += [f"{b}:hybrid" for b in backends] if args.hybrid else []
+    for v in filter(None, args.variants.split(",")):
+        rows += [f"diffusers:eps+{v}", *(f"{b}:eps+{v}" for b in backends)]
     results = {}
     for row in rows:
         print(f"timing {row} ...", file=sys.stderr)
@@ -285,10 +299,13 @@ def main() -> None:
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for row, r in results.items():
         kind, objective = row.split(":")
+        objective, *mods = objective.split("+")
         label = "diffusers UNet2DConditionModel + torch AdamW (peer)" if kind == "diffusers" \
             else f"dalle2_portable {kind} train_step" + (f" ({r['blas']})" if "blas" in r else "")
-        ref = peer if objective == "eps" else results.get("torch:hybrid")
-        ratio = f"{r['step'] / peer['step']:.2f}" if peer else "n/a"
+        label += "".join(f", {m}" for m in mods)
+        base = results.get("diffusers:" + "+".join(["eps", *mods]), peer)  # each variant against the peer's
+        ref = base if objective == "eps" else results.get("torch:hybrid")
+        ratio = f"{r['step'] / base['step']:.2f}" if base else "n/a"
         rel = "reference" if ref is r else "n/a" if ref is None else \
             f"{abs(r['first_loss'] - ref['first_loss']) / abs(ref['first_loss']):.1e}"
         name = "eps MSE" if objective == "eps" else "eps MSE + L_vlb"

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,6 +86,24 @@ class CLIP:
                                   " re-convert it with `dalle2 convert`")
             self.tokenizer = load_tokenizer(self.model_dir / "tokenizer", self.spec.tokenizer)
         self.image_processor = self.spec.image_processor or ImageProcessorConfig()
+        self.origins = {name: (self.model_dir, self.spec) for name in towers}  # where each tower's weights are
+
+    def with_image_tower(self, other: CLIP) -> CLIP:
+        """This CLIP with `other`'s image tower and preprocessing: Karlo ships no vision tower, so training on
+        its CLIP image embeddings takes the ViT-L/14 one from openai/clip-vit-large-patch14 (or Karlo's
+        image-variations model). The projections must have one width."""
+        vision = other._module("image_encoder")
+        width = other.origins["image_encoder"][1].components["image_encoder"].config.projection_dim
+        if "text_encoder" in self.modules:
+            text = self.spec.components["text_encoder"].config.projection_dim
+            if text != width:
+                raise Dalle2Error(f"the image tower of {str(other.model_dir)!r} projects to {width}, this model's "
+                                  f"text tower to {text}; use the CLIP this model was trained with")
+        joined = copy.copy(self)
+        joined.modules = {**self.modules, "image_encoder": vision}
+        joined.origins = {**self.origins, "image_encoder": other.origins["image_encoder"]}
+        joined.image_processor = other.image_processor
+        return joined
 
     def _module(self, name: str):
         if name not in self.modules:

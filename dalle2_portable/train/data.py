@@ -217,13 +217,15 @@ def clip_identity(clip: CLIP) -> str:
     """A fingerprint of what a CLIP computes: its model.json (source repo and revision, configs, tokenizer and
     image-processor settings), the weight files of its loaded towers and its tokenizer files (names, sizes,
     modification times), and the backend's compute dtype."""
-    model_dir = Path(clip.model_dir)
-    h = hashlib.sha1((model_dir / store.MODEL_JSON).read_bytes())
-    files = [store.component_path(model_dir, clip.spec, name) for name in sorted(clip.modules)]
-    files += sorted(p for p in (model_dir / "tokenizer").rglob("*") if p.is_file())
-    for p in files:
-        st = p.stat()
-        h.update(f"{p.relative_to(model_dir)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    h = hashlib.sha1()
+    for name in sorted(clip.modules):  # each tower's model (two, when the image tower is another model's)
+        model_dir, spec = clip.origins[name]
+        h.update((Path(model_dir) / store.MODEL_JSON).read_bytes())
+        files = [store.component_path(model_dir, spec, name)]
+        files += sorted(p for p in (Path(model_dir) / "tokenizer").rglob("*") if p.is_file())
+        for p in files:
+            st = p.stat()
+            h.update(f"{name}:{p.relative_to(model_dir)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
     h.update(f"dtype={clip.backend.dtype}".encode())
     return h.hexdigest()[:16]
 

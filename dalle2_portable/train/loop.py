@@ -38,6 +38,7 @@ from ..clip import CLIP
 from ..convert import resolve_model
 from ..errors import Dalle2Error
 from ..images import write_atomic
+from ..modules import gradient_checkpointing
 from ..modules.init import initial_weights
 from ..pipeline import tqdm_progress
 from ..schedule import UnCLIPSchedule
@@ -45,60 +46,14 @@ from ..spec import COMPONENT_NAMES, PREDICTION_TYPES, Component, ModelSpec, Sour
 from . import checkpoint as ckpt_io
 from .curve import write_curve
 from .data import Dataset, ImageFolder, cache_embeddings, embedding_size
-from .optim import EMA, AdamW, ema_decay, learning_rate
+from .preview import write_preview
+from .optim import EMA, ema_decay, learning_rate
+from .settings import TrainSettings, component_configs
 from .shapes import ShapesDataset
 from .stages import BATCHES, COMPONENTS, FROZEN, LOSSES, PRESETS, SCHEDULERS, preset_configs
 
 STAGES = tuple(COMPONENTS)
 CLIP_INITIAL_SCALE = math.log(1 / 0.07)  # CLIP's initial temperature
-
-
-@dataclass(frozen=True)
-class TrainSettings:
-    """A run's settings (run.json "settings"); `steps` is the run's total, so a resumed run may extend it."""
-
-    steps: int
-    batch_size: int = 16
-    lr: float = 3e-4
-    warmup: int = 50
-    weight_decay: float = 0.01
-    max_grad_norm: float | None = 1.0
-    adam_eps: float = 1e-8
-    freeze: tuple[str, ...] = ()  # weights or whole modules kept as they are, e.g. ("text_proj",)
-    ema_max_decay: float = 0.9999
-    cond_drop: float = 0.1  # prior: the caption; decoder: the image embedding
-    caption_drop: float = 0.5  # decoder: the caption
-    image_size: int = 32  # from scratch: the decoder's / the super-res UNet's sample size
-    sr_noise: float = 0.0  # super-res: std of the noise added to the small image (augmentation)
-    prediction: str | None = None  # what the UNet / prior learns to output (recorded in the model's scheduler):
-    #                                "epsilon", "sample" (x0) or "v_prediction"; None: the base model's, else Karlo's
-    min_snr_gamma: float | None = None  # min-SNR-gamma loss weighting (Hang et al. 2023; 5 is the paper's)
-    checkpoint_every: int = 100
-    seed: int = 0
-    data_size: int = 1000  # items of the shapes data
-
-    def __post_init__(self):
-        for name in ("steps", "batch_size", "checkpoint_every", "data_size", "image_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise Dalle2Error(f"{name} must be a positive integer, got {value!r}")
-        for name in ("cond_drop", "caption_drop"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise Dalle2Error(f"{name} must be in [0, 1), got {getattr(self, name)}")
-        if self.sr_noise < 0:
-            raise Dalle2Error(f"sr_noise must be >= 0, got {self.sr_noise}")
-        if not 0.0 <= self.ema_max_decay < 1.0:
-            raise Dalle2Error(f"ema must be in [0, 1) (0: no averaging), got {self.ema_max_decay}")
-        if self.prediction is not None and self.prediction not in PREDICTION_TYPES:
-            raise Dalle2Error(f"unknown prediction {self.prediction!r}; choose one of {', '.join(PREDICTION_TYPES)}")
-        if self.min_snr_gamma is not None and not self.min_snr_gamma > 0:
-            raise Dalle2Error(f"min_snr_gamma must be positive (5 is usual), got {self.min_snr_gamma}")
-        self.optimizer  # AdamW checks its settings
-
-    @property
-    def optimizer(self) -> AdamW:
-        return AdamW(lr=self.lr, eps=self.adam_eps, weight_decay=self.weight_decay,
-                     max_grad_norm=self.max_grad_norm)
 
 
 def load_data(data: str | Dataset, settings: TrainSettings) -> Dataset:
@@ -108,7 +63,7 @@ def load_data(data: str | Dataset, settings: TrainSettings) -> Dataset:
         return ShapesDataset(length=settings.data_size, seed=settings.seed)
     if not Path(data).is_dir():
         raise Dalle2Error(f"--data {data!r}: give `shapes` or a folder with metadata.jsonl")
-    return ImageFolder(data)
+    return ImageFolder(data, strict=settings.strict)
 
 
 def _configs(stage: str, spec: ModelSpec, embeddings, config: str | None, settings: TrainSettings) -> dict:
@@ -119,8 +74,10 @@ def _configs(stage: str, spec: ModelSpec, embeddings, config: str | None, settin
             raise Dalle2Error(f"the base model has no {missing[0]} to fine-tune; pass --config tiny|small to train "
                               f"the {stage} from scratch")
         return {c: spec.components[c].config for c in COMPONENTS[stage]}
+    if str(config).endswith(".json"):  # a preset with some fields replaced (settings.component_configs)
+        return component_configs(config, lambda preset: _configs(stage, spec, embeddings, preset, settings))
     if config not in PRESETS:
-        raise Dalle2Error(f"unknown --config {config!r}; choose one of {', '.join(PRESETS)}")
+        raise Dalle2Error(f"unknown --config {config!r}; choose one of {', '.join(PRESETS)} or a FILE.json")
     if stage in ("super_res", "clip"):
         return preset_configs(stage, config, 0, 0, settings.image_size, base=spec)
     width, states = embeddings.text.embeds.shape[1], embeddings.text.states.shape
@@ -140,7 +97,7 @@ def _check_run(run: Path, record: dict, resume: bool) -> None:
     if not path.is_file():
         raise Dalle2Error(f"{str(run)!r} holds no run to resume; start it without --resume")
     before = store.read_json(path, "the run's run.json is damaged; start a new run")
-    for key in ("stage", "base_model", "data", "config"):
+    for key in ("stage", "base_model", "data", "config", "clip"):
         if before.get(key) != record.get(key):
             raise Dalle2Error(f"--resume: this run was started with a different {key} ({before.get(key)!r}); "
                               "resume it with the same settings")
@@ -148,8 +105,10 @@ def _check_run(run: Path, record: dict, resume: bool) -> None:
 
 def train(stage: str, data, out, model, config: str | None = None, settings: TrainSettings | None = None,
           backend="auto", device: str | None = None, resume: bool = False, progress: bool = False,
-          stop_at: int | None = None) -> Path | None:
+          stop_at: int | None = None, clip: str | None = None) -> Path | None:
     """Train one stage; returns the result's model directory (RUN/model). See the module docstring.
+    `clip`: a model whose CLIP image tower encodes the data, for a base model without one (Karlo: the ViT-L/14
+    of openai/clip-vit-large-patch14); the base model's text tower encodes the captions.
     `stop_at`: checkpoint and stop after that step (the schedule still runs to `settings.steps`; continue with
     resume=True); returns None then."""
     if stage not in STAGES:
@@ -158,12 +117,16 @@ def train(stage: str, data, out, model, config: str | None = None, settings: Tra
     run = Path(out)
     base = resolve_model(model)
     dataset = load_data(data, settings)
+    source = "shapes" if str(data) == "shapes" else data if isinstance(data, Dataset) else str(Path(data).absolute())
     record = {"stage": stage, "base_model": str(Path(base).absolute()), "data": dataset.describe(),
-              "config": config, "settings": dataclasses.asdict(settings)}
+              "data_source": source if isinstance(source, str) else None, "config": config,
+              "clip": None if clip is None else str(Path(resolve_model(clip)).absolute()),
+              "settings": dataclasses.asdict(settings)}
     _check_run(run, record, resume)
     b = get_backend(backend, device=device)
+    record["backend"], record["device"] = b.name, device
     spec = store.read_spec(base)
-    clip = embeddings = uncond = None
+    image_clip, clip, embeddings, uncond = record["clip"], None, None, None
     if stage == "clip":  # its own tokenizer and preprocessing, the towers to train
         missing = [c for c in COMPONENTS[stage] if c not in spec.components]
         if missing:
@@ -172,9 +135,12 @@ def train(stage: str, data, out, model, config: str | None = None, settings: Tra
         clip = CLIP(base, b, spec)
     elif stage != "super_res":  # the upsamplers see pixels only
         clip = CLIP(base, b, spec)
+        if image_clip:
+            clip = clip.with_image_tower(CLIP(image_clip, b))
         if "image_encoder" not in clip.modules:
             raise Dalle2Error(f"the base model has no CLIP image encoder, and the {stage} trains on CLIP image "
-                              "embeddings; use a model with both CLIP towers (e.g. an image-variations model)")
+                              "embeddings; pass --clip with the CLIP it was trained with (Karlo: "
+                              "openai/clip-vit-large-patch14)")
         embeddings = cache_embeddings(dataset, clip, run / "embeddings", progress=progress)
         uncond = clip.text_condition([""])
     configs = _configs(stage, spec, embeddings, config, settings)
@@ -190,7 +156,9 @@ def train(stage: str, data, out, model, config: str | None = None, settings: Tra
         start_scale = spec.defaults.clip_logit_scale if config is None else None
         b.load_weights(parts["logit_scale"], {"logit_scale": np.array(start_scale or CLIP_INITIAL_SCALE, np.float32)})
     bundle = b.bundle(parts)
-    step_fn = b.train_step(bundle, LOSSES[stage], settings.optimizer, FROZEN[stage] + tuple(settings.freeze))
+    gradient_checkpointing(bundle, settings.gradient_checkpointing)
+    step_fn = b.train_step(bundle, LOSSES[stage], settings.optimizer, FROZEN[stage] + tuple(settings.freeze),
+                           dtype=settings.dtype)
     ema = EMA(b.weights(bundle))
     rng, start = np.random.default_rng(settings.seed), 0
     metrics = run / "metrics.jsonl"
@@ -220,30 +188,43 @@ def train(stage: str, data, out, model, config: str | None = None, settings: Tra
         ctx.low_size = spec.defaults.decoder_sample_size or spec.components["decoder"].config.sample_size
     n, bs = len(dataset), settings.batch_size
     end = settings.steps if stop_at is None else min(settings.steps, stop_at)
+    # a super-res UNet trained from scratch serves every step: the base's super_res_last belonged to another
+    drop = ("super_res_last",) if stage == "super_res" and config is not None else ()
+
+    def result(step: int) -> Path:  # RUN/model with the EMA weights so far, and its preview if asked
+        out = _write_model(run, base, spec, configs, scheduler, stage, b.to_numpy(bundle, ema.shadow), drop)
+        if settings.preview_every and stage != "clip":
+            write_preview(run, step, stage, out, b, dataset)
+        return out
+
     iterator = range(start, end)
     if progress:
         iterator = tqdm_progress(iterator, f"train {stage}", end - start)
     with open(metrics, "a") as log:
         for i in iterator:
             t0 = time.perf_counter()
-            inputs = BATCHES[stage](ctx, rng, rng.choice(n, bs, replace=n < bs))
+            batches = [BATCHES[stage](ctx, rng, rng.choice(n, bs, replace=n < bs))
+                       for _ in range(settings.accumulate)]
             lr = learning_rate(i, settings.lr, settings.warmup, settings.steps)
-            loss = step_fn(*inputs, lr=lr)
+            loss = step_fn.accumulate(batches, lr=lr)
             ema.update(b.weights(bundle), ema_decay(i + 1, max_decay=settings.ema_max_decay))
             b.sync(ema.shadow)
+            speed = bs * settings.accumulate / (time.perf_counter() - t0)
             log.write(json.dumps({"step": i + 1, "loss": loss, "lr": lr, "grad_norm": step_fn.grad_norm,
-                                  "samples_per_s": bs / (time.perf_counter() - t0)}) + "\n")
+                                  "samples_per_s": speed}) + "\n")
             log.flush()
             curve.append(loss)
+            if progress:
+                iterator.set_postfix(loss=f"{loss:.4g}", samples_s=f"{speed:.1f}")
             if (i + 1) % settings.checkpoint_every == 0 or i + 1 == end:
                 ckpt_io.save(run, ckpt_io.Checkpoint(i + 1, b.state_dict(bundle), b.to_numpy(bundle, ema.shadow),
                                                      step_fn.state(), rng.bit_generator.state, {}))
                 write_curve(run / "loss.png", curve, f"{stage} on {dataset.describe()}, {b.name}")
+            if settings.preview_every and (i + 1) % settings.preview_every == 0 and i + 1 < settings.steps:
+                result(i + 1)
     if end < settings.steps:
         return None
-    # a super-res UNet trained from scratch serves every step: the base's super_res_last belonged to another
-    drop = ("super_res_last",) if stage == "super_res" and config is not None else ()
-    return _write_model(run, base, spec, configs, scheduler, stage, b.to_numpy(bundle, ema.shadow), drop)
+    return result(end)
 
 
 def _scheduler(stage: str, spec: ModelSpec, settings: TrainSettings):
