@@ -156,6 +156,10 @@ RUNS_ON = {
 # fast tier (`-m "not slow"`) keeps the float32 parity of every component against its reference (CLIP towers,
 # prior, text_proj, decoder, super-res, scheduler), MLX vs PyTorch in float32, and generate against diffusers.
 SLOW = (
+    "test_train_clip.py::test_clip_from_scratch_learns_the_shapes",
+    "test_train_karlo.py::test_fine_tuning_karlo_on_ten_pictures",
+    "test_train_settings.py::test_previews_go_through_the_pipeline",
+    "test_train_settings.py::test_from_run_json_reruns_the_run_bit_for_bit",
     "test_sampling.py::test_backends_agree*",
     "test_sampling.py::test_vary_matches_diffusers*",
     "test_sampling.py::test_rerank_scores_sorted_and_recomputable*",

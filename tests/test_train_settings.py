@@ -71,7 +71,8 @@ def test_config_file_replaces_preset_fields(models, tmp_path):
     assert (cfg.num_layers, cfg.attention_head_dim, cfg.num_attention_heads) == (1, 8, 2)
     for doc, message in (({"decoder": {}}, "'decoder' is not trained by this stage; it trains prior"),
                          ({"prior": {"layers": 1}}, "unknown key 'layers' in a prior config"),
-                         ({"preset": "huge"}, "unknown --config 'huge'")):
+                         ({"preset": "huge"}, "unknown --config 'huge'"),
+                         ({"prior": {"num_layers": "two"}}, "prior.num_layers must be a JSON int as in the preset (2), got 'two'")):
         sizes.write_text(json.dumps(doc))
         result = _train(models["iv"], tmp_path / "bad", "--config", sizes)
         assert result.exit_code == 2 and message in result.output, result.output

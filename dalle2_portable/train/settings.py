@@ -128,5 +128,12 @@ def component_configs(path: str, presets: dict) -> dict:
         fields = doc.get(name, {})
         if not isinstance(fields, dict):
             raise Dalle2Error(f"{where}: {name!r} must be a JSON object of config fields")
-        out[name] = type(cfg).from_dict({**cfg.to_dict(), **fields}, where)
+        current = cfg.to_dict()
+        for key, value in fields.items():  # the preset's value's JSON type (a field that may be null: any)
+            like = current.get(key)
+            kinds = {bool: (bool,), int: (int,), float: (int, float), str: (str,), list: (list,)}.get(type(like))
+            if kinds and (not isinstance(value, kinds) or (isinstance(value, bool) and type(like) is not bool)):
+                raise Dalle2Error(f"{where}: {name}.{key} must be a JSON {type(like).__name__} as in the preset "
+                                  f"({like!r}), got {value!r}")
+        out[name] = type(cfg).from_dict({**current, **fields}, where)
     return out
