@@ -319,7 +319,7 @@ def _setting(name: str, *decls, **kw):
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False),
               help="The run directory: checkpoints, metrics.jsonl, and the result in OUT/model.")
 @click.option("--model", "-m", default=None, help="The base model (Hub id or model directory): its CLIP encodes "
-              "the data, and the result is it with the trained stage.")
+              "the data, and the result is it with the trained stage. None: `train clip --config` from nothing.")
 @click.option("--clip", "image_clip", default=None, help="A model whose CLIP image tower encodes the data, for a "
               "base model without one (Karlo: openai/clip-vit-large-patch14).")
 @click.option("--config", default=None, help="tiny|small|FILE.json: train the stage from scratch at this size "
@@ -383,7 +383,7 @@ def train(stage, recipe, data, out, model, image_clip, config, freeze, resume, s
     stage = stage or base.get("stage")
     data = data or base.get("data_source")
     model = model or base.get("base_model")
-    for name, value, flag in (("stage", stage, "STAGE"), ("data", data, "--data"), ("model", model, "--model")):
+    for name, value, flag in (("stage", stage, "STAGE"), ("data", data, "--data")):
         if value is None:
             raise Dalle2Error(f"no {name}: give {flag}" + ("" if recipe else " (or --from RUN/run.json)"))
     result = run_training(stage.replace("-", "_"), data, out, model, config=config or base.get("config"),

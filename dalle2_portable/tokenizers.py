@@ -17,6 +17,7 @@ tokenizer.json alone (what transformers 5 `save_pretrained` writes), or tokenize
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -179,6 +180,49 @@ class SentencePieceTokenizer(_Tokenizer):
 
     def _encode(self, texts: list[str]) -> list[list[int]]:
         return self._sp.encode(texts)
+
+
+def byte_symbols() -> list[str]:
+    """GPT-2 / CLIP's bytes_to_unicode: the 256 symbols byte-level BPE writes bytes as, in CLIP's vocab order."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for c in cs]
+
+
+def train_clip_bpe(lines, vocab_size: int, directory: str | Path) -> Path:
+    """A CLIP-format tokenizer (vocab.json + merges.txt in `directory`) learnt from `lines` with the `tokenizers`
+    library's BPE trainer, through CLIP's own normaliser and split: ordered as CLIP orders its vocab (the 256
+    byte symbols, the same + "</w>", each merge's result in rank order, then <|startoftext|>, <|endoftext|>), so
+    `CLIPBPETokenizer` (and transformers' CLIPTokenizer) read it as they read openai/clip-*. Byte-level: every
+    prompt tokenises, words never seen falling back to smaller pieces."""
+    from tokenizers import trainers
+
+    tk = Tokenizer(BPE(continuing_subword_prefix="", end_of_word_suffix="</w>"))
+    tk.normalizer = normalizers.Sequence(
+        [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
+    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(CLIP_SPLIT), "removed", invert=True),
+                                                pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tk.train_from_iterator(list(lines), trainers.BpeTrainer(
+        vocab_size=vocab_size, min_frequency=2, show_progress=False, end_of_word_suffix="</w>",
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    merges = [tuple(m) for m in json.loads(tk.to_str())["model"]["merges"]]
+    symbols = byte_symbols()
+    vocab = symbols + [s + "</w>" for s in symbols]
+    seen = set(vocab)
+    vocab += [m for m in dict.fromkeys(a + b for a, b in merges) if m not in seen]
+    vocab += [BOS, EOS]
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False),
+                                          encoding="utf-8")
+    (directory / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges),
+                                          encoding="utf-8")
+    return directory
 
 
 def load_tokenizer(directory: str | Path, config: TokenizerConfig) -> _Tokenizer:

@@ -10,24 +10,12 @@ import random
 import shutil
 from pathlib import Path
 
-from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
 
 from dalle2_portable.spec import UNet2DConditionConfig
-from dalle2_portable.tokenizers import CLIP_SPLIT
+from dalle2_portable.tokenizers import train_clip_bpe
 
 SYLLABLES = ("th e an in er re on at en nd ti es or te of ed is it al ar st to nt ng se ha as ou io le ve co me de "
              "hi ri ro ic ne ea ra ce ca fé ïv ström").split()
-
-
-def bytes_to_unicode():
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return [chr(c) for c in cs]  # in CLIP's order (byte order of `bs`)
 
 
 def added_token(content):
@@ -55,24 +43,8 @@ def write_clip_vocab(d: Path) -> Path:
     words = ["".join(rng.choice(SYLLABLES) for _ in range(rng.randint(1, 4))) for _ in range(3000)]
     lines = [" ".join(rng.choice(words) for _ in range(12)) + rng.choice([".", "!", "!!", "?", "...", "'s", " 42"])
              for _ in range(4000)]
-    tk = Tokenizer(models.BPE(continuing_subword_prefix="", end_of_word_suffix="</w>"))
-    tk.normalizer = normalizers.Sequence(
-        [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
-    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(CLIP_SPLIT), "removed", invert=True),
-                                                pre_tokenizers.ByteLevel(add_prefix_space=False)])
-    tk.train_from_iterator(lines, trainers.BpeTrainer(
-        vocab_size=4000, min_frequency=2, show_progress=False, end_of_word_suffix="</w>",
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    merges = [tuple(m) for m in json.loads(tk.to_str())["model"]["merges"]]
-    assert len(merges) > 2000
-    symbols = bytes_to_unicode()
-    vocab = symbols + [s + "</w>" for s in symbols]
-    for merged in dict.fromkeys(a + b for a, b in merges):  # each merge's result, in rank order
-        vocab.append(merged)
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    d.mkdir(parents=True, exist_ok=True)
-    (d / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False))
-    (d / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    train_clip_bpe(lines, 4000, d)
+    assert len((d / "merges.txt").read_text().splitlines()) > 2000
     return d
 
 

@@ -71,3 +71,26 @@ def test_clip_from_scratch_learns_the_shapes(models, tmp_path):
     data = ShapesDataset(length=64, seed=0)
     scores = clip.similarity([data.caption(i) for i in range(16)], [data.image(i, 32) for i in range(16)])
     assert np.mean(scores.argmax(1) == np.arange(16)) >= 0.5  # chance is 1/16; measured ~0.7 at 120 steps
+
+
+def test_from_nothing_the_clip_stage_seeds_its_tokenizer_and_towers(tmp_path):
+    """No base model: RUN/seed holds a CLIP tokenizer learnt from the captions, which transformers' CLIPTokenizer
+    reads as ours does (every caption word one token), and towers at the preset's sizes; the result loads."""
+    from transformers import CLIPTokenizer
+
+    settings = TrainSettings(steps=3, data_size=64, batch_size=8, checkpoint_every=3, image_size=32)
+    out = train("clip", "shapes", tmp_path / "run", config="tiny", backend=BACKENDS[0], settings=settings)
+    seed = tmp_path / "run" / "seed"
+    texts = ["a small purple square on a yellow background", "there is one orange circle", "Zebras! 42 ümlaut"]
+    clip = d2.load_clip(out, backend=BACKENDS[0])
+    ours = clip.tokenize(texts)
+    ref = CLIPTokenizer(str(seed / "tokenizer" / "vocab.json"), str(seed / "tokenizer" / "merges.txt"))(
+        texts, padding="max_length", max_length=32, truncation=True)["input_ids"]
+    assert np.array_equal(ours, np.array(ref))
+    assert (ours[0] != ours[0, -1]).sum() == 1 + 8  # BOS + one token per word (EOS pads the rest)
+    spec = store.read_spec(out)
+    text, vision = spec.components["text_encoder"].config, spec.components["image_encoder"].config
+    assert (text.hidden_size, vision.image_size, spec.image_processor.shortest_edge) == (64, 32, 32)
+    assert np.isfinite(clip.encode_image([ShapesDataset(length=1, seed=0).image(0, 32)])).all()
+    with pytest.raises(Exception, match="from nothing only the CLIP stage trains"):
+        train("prior", "shapes", tmp_path / "p", config="tiny", backend=BACKENDS[0], settings=settings)

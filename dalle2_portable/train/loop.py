@@ -47,6 +47,7 @@ from . import checkpoint as ckpt_io
 from .curve import write_curve
 from .data import Dataset, ImageFolder, cache_embeddings, embedding_size
 from .preview import write_preview
+from .seed import seed_model
 from .optim import EMA, ema_decay, learning_rate
 from .settings import TrainSettings, component_configs
 from .shapes import ShapesDataset
@@ -103,7 +104,7 @@ def _check_run(run: Path, record: dict, resume: bool) -> None:
                               "resume it with the same settings")
 
 
-def train(stage: str, data, out, model, config: str | None = None, settings: TrainSettings | None = None,
+def train(stage: str, data, out, model=None, config: str | None = None, settings: TrainSettings | None = None,
           backend="auto", device: str | None = None, resume: bool = False, progress: bool = False,
           stop_at: int | None = None, clip: str | None = None) -> Path | None:
     """Train one stage; returns the result's model directory (RUN/model). See the module docstring.
@@ -115,8 +116,14 @@ def train(stage: str, data, out, model, config: str | None = None, settings: Tra
         raise Dalle2Error(f"unknown stage {stage!r}; this version trains: {', '.join(STAGES)}")
     settings = settings or TrainSettings(steps=1000)
     run = Path(out)
-    base = resolve_model(model)
     dataset = load_data(data, settings)
+    if model is None:  # from nothing: the CLIP stage seeds its own tokenizer and towers (seed.py)
+        if stage != "clip" or config is None:
+            raise Dalle2Error("no base model: give --model; from nothing only the CLIP stage trains (dalle2 train "
+                              "clip --config tiny), and every later stage builds on its result")
+        base = (run / "seed").absolute()
+    else:
+        base = resolve_model(model)
     source = "shapes" if str(data) == "shapes" else data if isinstance(data, Dataset) else str(Path(data).absolute())
     record = {"stage": stage, "base_model": str(Path(base).absolute()), "data": dataset.describe(),
               "data_source": source if isinstance(source, str) else None, "config": config,
@@ -125,6 +132,9 @@ def train(stage: str, data, out, model, config: str | None = None, settings: Tra
     _check_run(run, record, resume)
     b = get_backend(backend, device=device)
     record["backend"], record["device"] = b.name, device
+    if model is None:
+        run.mkdir(parents=True, exist_ok=True)
+        seed_model(base, dataset, b, config if config in PRESETS else "tiny", settings.image_size, settings.seed)
     spec = store.read_spec(base)
     image_clip, clip, embeddings, uncond = record["clip"], None, None, None
     if stage == "clip":  # its own tokenizer and preprocessing, the towers to train
