@@ -56,15 +56,17 @@ def convert(source, out, revision, dtype, variant, overwrite):
 
 
 @main.command()
-@click.argument("model")
+@click.argument("model", default="default")
 @click.option("--revision", default=None, help="Hub revision, when MODEL is a repo id.")
 def info(model, revision):
-    """Show a model's components, parameter counts, dtypes and source."""
+    """Show MODEL's components, parameter counts, dtypes, source, defaults, checksums and the notes of its
+    "about" block (MODEL: a Hub repo id, a model directory, or by default the packaged model)."""
     from .convert import resolve_model
-    from .store import count_parameters, read_spec
+    from .store import count_parameters, flat_about, read_about, read_checksums, read_spec
 
     model_dir = resolve_model(model, revision=revision)
     spec = read_spec(model_dir)
+    about, files = read_about(model_dir), read_checksums(model_dir)
     src = spec.source
     click.echo(f"model      {model_dir}")
     click.echo(f"source     {src.repo} @ {src.revision or '-'} ({src.layout})")
@@ -86,6 +88,39 @@ def info(model, revision):
         stage = next((s for s in STAGES if key.startswith(f"{s}_")), None)
         if value is not None and (stage is None or stage in spec.schedulers):
             click.echo(f"default    {key} = {value}")
+    if files is None:
+        click.echo("checksums  none recorded (`dalle2 verify MODEL --record` adds them)")
+    else:
+        size = sum(e["size"] for e in files.values())
+        click.echo(f"checksums  {len(files)} files, {size / 1e6:,.1f} MB, sha256 (`dalle2 verify` hashes them all)")
+    for key, value in flat_about(about or {}):
+        click.echo(f"about      {key} = {value}")
+
+
+@main.command()
+@click.argument("model", default="default")
+@click.option("--revision", default=None, help="Hub revision, when MODEL is a repo id.")
+@click.option("--record", is_flag=True, help="Instead of checking, (re)write the checksums in model.json from the "
+              "files as they are now: for a model written before checksums were recorded, or edited by hand.")
+def verify(model, revision, record):
+    """Hash every file of MODEL and compare it with the SHA-256 its model.json records (loading hashes big
+    files only once; this always hashes all). A mismatch is one line naming the file; the exit status is 2."""
+    import time
+
+    from .convert import resolve_model
+    from .store import read_about, read_spec, verify_model, write_spec
+
+    model_dir = resolve_model(model, revision=revision)
+    start = time.perf_counter()
+    if record:
+        write_spec(model_dir, read_spec(model_dir), about=read_about(model_dir))
+        click.echo(f"recorded the checksums of {model_dir}")
+        return
+    files = verify_model(model_dir)
+    for rel, size in files:
+        click.echo(f"ok  {rel}  {size:,} bytes")
+    total, seconds = sum(n for _, n in files) / 1e6, time.perf_counter() - start
+    click.echo(f"verified {len(files)} files of {model_dir}: {total:,.1f} MB in {seconds:.2f} s")
 
 
 
@@ -95,7 +130,8 @@ def _model_options(f):
     """--model --revision --backend --device --dtype --seed --num-images --quiet -o --force."""
     for decorator in reversed([
         click.option("--model", "-m", default="default", show_default=True,
-                     help="A Hub repo id (converted once, cached), a model directory, or a local diffusers folder."),
+                     help="A Hub repo id (converted once, cached), a model directory, a local diffusers folder, "
+                     "or `default`: the model packaged with dalle2_portable (a folder named default: ./default)."),
         click.option("--revision", default=None, help="Hub branch, tag or commit (default: main)."),
         click.option("--backend", type=BACKENDS, default="auto", show_default=True,
                      help="auto = MLX on Apple Silicon, else PyTorch."),
@@ -266,7 +302,8 @@ def edit(image, source, target, amount, output, num_images, model, revision, bac
 
 @main.command()
 @click.argument("prompt")
-@click.option("--model", "-m", default="default", show_default=True, help="Hub repo id or model directory.")
+@click.option("--model", "-m", default="default", show_default=True,
+              help="Hub repo id, model directory, or `default` (the packaged model).")
 @click.option("--revision", default=None, help="Hub branch, tag or commit.")
 @click.option("--backends", default="torch,mlx", show_default=True, help="The two backends to compare.")
 @click.option("--dtype", type=DTYPES, default="float32", show_default=True)

@@ -361,14 +361,11 @@ def text_diff(image_embedding: np.ndarray, source: np.ndarray, target: np.ndarra
 def load_pipeline(model: str | os.PathLike = "default", backend: str | Backend = "auto", device: str | None = None,
                   dtype: str = "float32", revision: str | None = None, variant: str | None = None,
                   progress: bool = False) -> Pipeline:
-    """An unCLIP pipeline from a model directory, a Hub repo id or a local diffusers folder (both converted once,
-    then reused from the cache). `variant` reads variant weight files of the source (e.g. "fp16");
-    `progress` shows a progress bar per sampling stage."""
+    """An unCLIP pipeline from "default" (the packaged model), a model directory, a Hub repo id or a local
+    diffusers folder (both converted once, then reused from the cache). `variant` reads variant weight files
+    of the source (e.g. "fp16"); `progress` shows a progress bar per sampling stage."""
     from .convert import resolve_model
 
-    if str(model) == "default":
-        raise Dalle2Error("this version embeds no default model yet; pass a Hub repo id such as "
-                          "kakaobrain/karlo-v1-alpha or a model directory")
     model_dir = resolve_model(model, revision=revision, variant=variant)
     return Pipeline(model_dir, get_backend(backend, device=device, dtype=dtype),
                     progress=tqdm_progress if progress else no_progress)

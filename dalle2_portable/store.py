@@ -1,13 +1,18 @@
 """The model directory on disk: read and validate `model.json` and the weight files, write atomically.
 
     my-model/
-      model.json                   the ModelSpec (spec.py), format 1
+      model.json                   the ModelSpec (spec.py), format 1; "files": each file's size and SHA-256;
+                                   optional "about": free-form notes on how the model was made
       <component>.safetensors      canonical names, PyTorch layout (conv weights OIHW)
       tokenizer/                   vocab.json + merges.txt, or tokenizer.model
 
 Loading validates before it allocates: the safetensors headers are read (names, shapes, dtypes, and that the
 file is as long as its header says) and compared with the shapes the backend's module tree expects, so a bad
-file fails in milliseconds with one line naming the tensor and the file, before any weight is read.
+file fails in milliseconds with one line naming the tensor and the file, before any weight is read. Then the
+files' checksums are verified (checksums.py says when a big file is hashed and when it is trusted; the
+packaged default model, DEFAULT_MODEL_DIR, is hashed in full on every load). "files" and "about" are outside
+the ModelSpec: `write_spec` computes "files" from the directory itself, and a model derived from another (the
+training loop's) carries no "about" unless its writer gives one.
 Writing happens in a temporary sibling directory that is renamed into place only when complete.
 """
 
@@ -24,10 +29,13 @@ from typing import Iterator
 
 import numpy as np
 
+from . import checksums
 from .errors import Dalle2Error
 from .spec import ModelSpec
 
 MODEL_JSON = "model.json"
+DEFAULT = "default"  # the model name of the packaged model (the bare word; a folder so named is ./default)
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default_model"  # package data, filled at release
 
 # safetensors dtype tags -> bytes per element (the header gives shapes and byte offsets)
 _DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
@@ -58,8 +66,8 @@ def read_json(path: str | os.PathLike, fix: str):
         raise Dalle2Error(f"cannot read {str(path)!r} ({e}); {fix}") from None
 
 
-def read_spec(model_dir: str | os.PathLike) -> ModelSpec:
-    """Parse `model.json`; every problem is one line naming the path and the fix."""
+def _model_json(model_dir: str | os.PathLike) -> dict:
+    """model.json's content; every problem is one line naming the path and the fix."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise Dalle2Error(f"model directory {str(model_dir)!r} does not exist; give a model directory, a Hub "
@@ -71,7 +79,52 @@ def read_spec(model_dir: str | os.PathLike) -> ModelSpec:
     d = read_json(path, "re-convert the model with `dalle2 convert`")
     if not isinstance(d, dict):
         raise Dalle2Error(f"{str(path)!r} is not a JSON object; re-convert the model with `dalle2 convert`")
-    return ModelSpec.from_dict(d)
+    return d
+
+
+def read_spec(model_dir: str | os.PathLike) -> ModelSpec:
+    """Parse `model.json`; every problem is one line naming the path and the fix."""
+    return ModelSpec.from_dict(_model_json(model_dir))
+
+
+def read_checksums(model_dir: str | os.PathLike) -> dict[str, dict] | None:
+    """model.json's "files" ({path: {size, sha256}}), or None for a model.json written without them."""
+    return checksums.parse(_model_json(model_dir).get("files"), str(Path(model_dir) / MODEL_JSON))
+
+
+def read_about(model_dir: str | os.PathLike) -> dict | None:
+    """model.json's "about" (how the model was made: recipe, steps, data, accuracy, ...), or None."""
+    about = _model_json(model_dir).get("about")
+    return None if about is None else check_about(about, str(Path(model_dir) / MODEL_JSON))
+
+
+_SCALARS = (str, int, float, bool, type(None))
+
+
+def check_about(about, where: str = "about") -> dict:
+    """An "about" block is a JSON object of strings and numbers (or lists of them, or objects of those)."""
+    def ok(v, depth: int) -> bool:
+        if isinstance(v, _SCALARS):
+            return True
+        if isinstance(v, list):
+            return all(isinstance(x, _SCALARS) for x in v)
+        return isinstance(v, dict) and depth < 3 and all(isinstance(k, str) and ok(x, depth + 1) for k, x in v.items())
+
+    if not isinstance(about, dict) or not ok(about, 0):
+        raise Dalle2Error(f"{where}: \"about\" must be an object of strings and numbers (or lists of them, or "
+                          "objects of those, 3 levels at most)")
+    return about
+
+
+def flat_about(about: dict, prefix: str = "") -> list[tuple[str, str]]:
+    """[("steps.prior", "2000"), ("data", "shapes"), ...]: an about block as `dalle2 info` prints it."""
+    out = []
+    for k, v in about.items():
+        if isinstance(v, dict):
+            out += flat_about(v, f"{prefix}{k}.")
+        else:
+            out.append((f"{prefix}{k}", ", ".join(map(str, v)) if isinstance(v, list) else str(v)))
+    return out
 
 
 def read_header(path: str | os.PathLike) -> dict[str, TensorInfo]:
@@ -143,11 +196,72 @@ def component_path(model_dir: str | os.PathLike, spec: ModelSpec, name: str) -> 
 
 def validate(model_dir: str | os.PathLike, spec: ModelSpec, shapes_of, names=None) -> None:
     """Check the component files (`names`, default all) against `shapes_of(type, config) -> {name: shape}`,
-    reading only their headers: call it before allocating anything."""
-    for name in spec.components if names is None else names:
+    reading only their headers, then their checksums (with the tokenizer's for the text encoder): call it
+    before allocating anything."""
+    names = list(spec.components if names is None else names)
+    for name in names:
         comp = spec.components[name]
         path = component_path(model_dir, spec, name)
         check_tensors(read_header(path), shapes_of(comp.type, comp.config), path)
+    verify_checksums(model_dir, spec, names)
+
+
+def is_default_model(model_dir: str | os.PathLike) -> bool:
+    return Path(model_dir).resolve() == Path(DEFAULT_MODEL_DIR).resolve()
+
+
+def corruption_fix(model_dir: str | os.PathLike) -> str:
+    """What to do about a corrupted file of this model directory."""
+    if is_default_model(model_dir):
+        return "reinstall dalle2_portable (pip install --force-reinstall dalle2_portable)"
+    from .convert import cache_dir
+
+    if Path(cache_dir()).resolve() in Path(model_dir).resolve().parents:
+        return f"delete {str(model_dir)!r} and load the model again to re-convert it"
+    return "re-convert the model with `dalle2 convert` (or copy or download it again)"
+
+
+def verify_checksums(model_dir: str | os.PathLike, spec: ModelSpec, names=None, full: bool = False) -> int:
+    """Verify the recorded checksums of the components `names` (default all; the text encoder brings the
+    tokenizer files) as checksums.py's policy says; the default model always in full, and it must have them.
+    A model.json without checksums is not checked. Returns the bytes hashed."""
+    files = read_checksums(model_dir)
+    default = is_default_model(model_dir)
+    if files is None:
+        if default:
+            raise Dalle2Error(f"the default model's {MODEL_JSON} in {str(model_dir)!r} records no checksums; "
+                              "record them with `dalle2 verify default --record` (or reinstall dalle2_portable)")
+        return 0
+    names = list(spec.components if names is None else names)
+    rels = [Path(spec.components[n].weights).as_posix() for n in names]
+    if "text_encoder" in names:
+        rels += [r for r in files if r.startswith("tokenizer/")]
+    return checksums.verify(model_dir, files, rels, corruption_fix(model_dir), full=full or default)
+
+
+def verify_model(model_dir: str | os.PathLike) -> list[tuple[str, int]]:
+    """`dalle2 verify`: hash every file model.json names, ignoring the cache; [(path, size)] when all match."""
+    spec = read_spec(model_dir)
+    files = read_checksums(model_dir)
+    fix = "record them with `dalle2 verify MODEL --record` once you trust the files"
+    if files is None:
+        raise Dalle2Error(f"{str(Path(model_dir) / MODEL_JSON)!r} records no checksums (written by an earlier "
+                          f"version); {fix}")
+    unrecorded = [r for r in model_files(model_dir, spec) if r not in files]
+    if unrecorded:
+        raise Dalle2Error(f"{str(Path(model_dir) / MODEL_JSON)!r} records no checksum for {unrecorded[0]!r}; {fix}")
+    checksums.verify(model_dir, files, list(files), corruption_fix(model_dir), full=True)
+    return [(r, files[r]["size"]) for r in files]
+
+
+def model_files(directory: str | os.PathLike, spec: ModelSpec) -> list[str]:
+    """The files a model directory consists of, relative: each component's weights, and every file under
+    tokenizer/ when the spec has a tokenizer."""
+    rels = [Path(c.weights).as_posix() for c in spec.components.values()]
+    tok = Path(directory) / "tokenizer"
+    if spec.tokenizer is not None and tok.is_dir():
+        rels += sorted(p.relative_to(directory).as_posix() for p in tok.rglob("*") if p.is_file())
+    return rels
 
 
 def count_parameters(model_dir: str | os.PathLike, spec: ModelSpec) -> dict[str, tuple[int, list[str]]]:
@@ -189,9 +303,23 @@ def atomic_directory(out_dir: str | os.PathLike, overwrite: bool = False) -> Ite
         raise
 
 
-def write_spec(directory: str | os.PathLike, spec: ModelSpec) -> None:
-    text = json.dumps(spec.to_dict(), indent=2) + "\n"
-    (Path(directory) / MODEL_JSON).write_text(text, encoding="utf-8")
+def write_spec(directory: str | os.PathLike, spec: ModelSpec, about: dict | None = None) -> None:
+    """Write `model.json` for the files already in `directory`: the spec, each file's size and SHA-256
+    ("files", computed here from the files themselves), and `about` if given. The file is replaced atomically,
+    so rewriting it in a finished model directory (`dalle2 verify --record`) is safe too."""
+    d = spec.to_dict()
+    d["files"] = checksums.record(directory, model_files(directory, spec))
+    if about is not None:
+        d["about"] = check_about(about)
+    path = Path(directory) / MODEL_JSON
+    tmp = path.with_name(f".{MODEL_JSON}.{uuid.uuid4().hex[:8]}")
+    try:
+        tmp.write_text(json.dumps(d, indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise Dalle2Error(f"cannot write {str(path)!r} ({e}); check the folder is writable and has space") from None
 
 
 OUT_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}

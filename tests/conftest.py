@@ -149,6 +149,11 @@ RUNS_ON = {
     "test_data.py::test_changing_the_data_or_the_clip_invalidates_the_cache": ("first",),
     "test_data.py::test_text_only_clip_caches_text_and_says_images_are_missing": ("first",),
     "test_data.py::test_an_interrupted_cache_leaves_no_file": ("first",),
+    "test_default_model.py::test_a_flipped_byte_is_one_line_through_load_pipeline_and_generate": ("first", "auto"),
+    "test_default_model.py::test_model_json_without_checksums_loads_and_record_adds_them": ("first",),
+    "test_default_model.py::test_default_is_the_packaged_model": ("first", "auto"),
+    "test_default_model.py::test_missing_default_is_one_line": ("first", "auto"),
+    "test_store.py::test_bad_checksums_are_one_line": ("torch",),
 }
 
 # The slow tier, as "file::test[params]" patterns (fnmatch): the whole-cascade checks beyond one generate per
@@ -177,6 +182,7 @@ SLOW = (
     "test_train_bf16.py::test_bf16_master_weights_stay_float32_over_steps*",
     "test_train_bf16.py::test_bf16_losses_agree_across_backends*",
     "*::test_mlx_matches_torch[*float16*",  # and bfloat16
+    "test_default_model.py::test_the_wheel_ships_the_default_model",  # two wheel builds, ~6 s
 )
 
 

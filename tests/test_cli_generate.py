@@ -106,11 +106,6 @@ def test_info_shows_the_defaults_of_the_stages_the_model_has(models):
     assert "default    decoder_guidance = 8.0" in iv and not any("prior_" in line for line in iv)
 
 
-def test_default_model_is_one_line(tmp_path):
-    r = run("generate", "a cat", "-o", tmp_path / "x.png", ok=False)
-    assert r.exit_code == 2 and r.output.startswith("error: ") and len(r.output.strip().splitlines()) == 1
-
-
 @pytest.mark.skipif(len(BACKENDS) < 2, reason="needs both backends")
 def test_compare_table_image_and_exit_status(models, tmp_path):
     out = tmp_path / "cmp.png"

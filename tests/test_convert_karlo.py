@@ -267,8 +267,3 @@ def test_mismatched_weights_name_the_tensor(karlo, tmp_path):
     shutil.copy(src / "super_res_first" / "diffusion_pytorch_model.safetensors",
                 src / "decoder" / "diffusion_pytorch_model.safetensors")
     _fail(src, tmp_path, "diffusion_pytorch_model.safetensors")
-
-
-def test_load_pipeline_rejects_clip_and_default(tmp_path):
-    with pytest.raises(Dalle2Error, match="embeds no default model yet"):
-        d2.load_pipeline()

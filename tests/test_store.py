@@ -50,11 +50,42 @@ def test_round_trip_weights(model_dir, tmp_path, backend):
             np.testing.assert_array_equal(got[k], on_disk[k], err_msg=k)
 
 
-def test_spec_round_trip(model_dir, tmp_path):
+def test_spec_round_trip(model_dir, copy, tmp_path):
     spec = store.read_spec(model_dir)
-    store.write_spec(tmp_path, spec)
-    assert store.read_spec(tmp_path) == spec
-    assert json.loads((tmp_path / "model.json").read_text())["format"] == 1
+    (copy / "model.json").unlink()
+    store.write_spec(copy, spec)
+    assert store.read_spec(copy) == spec
+    d = json.loads((copy / "model.json").read_text())
+    assert d["format"] == 1 and "about" not in d
+    assert sorted(d["files"]) == ["image_encoder.safetensors", "text_encoder.safetensors", "tokenizer/merges.txt",
+                                  "tokenizer/vocab.json"]
+    assert d["files"] == json.loads((model_dir / "model.json").read_text())["files"]
+    assert sorted(p.name for p in copy.iterdir()) == sorted(p.name for p in model_dir.iterdir())  # no temp file
+    with pytest.raises(d2.Dalle2Error, match="cannot record the checksum of .*text_encoder.safetensors"):
+        store.write_spec(tmp_path, spec)  # a model.json is written for files that are there
+
+
+def test_bad_checksums_are_one_line(copy):
+    """A malformed "files" entry, a grown file and a listed file that is gone: one line each, naming it."""
+    d = json.loads((copy / "model.json").read_text())
+    good = json.dumps(d)
+    d["files"]["tokenizer/vocab.json"]["sha256"] = "XYZ"
+    (copy / "model.json").write_text(json.dumps(d))
+    assert "'tokenizer/vocab.json' must be" in _fails(copy, "64 lowercase hex digits")
+    d["files"] = {"../outside": d["files"]["tokenizer/vocab.json"]}
+    (copy / "model.json").write_text(json.dumps(d))
+    _fails(copy, "has path '../outside'")
+
+    (copy / "model.json").write_text(good)
+    path = copy / "image_encoder.safetensors"
+    size = path.stat().st_size
+    with open(path, "ab") as f:  # the header still reads: only the recorded size tells
+        f.write(b"\0" * 8)
+    msg = _fails(copy, rf"is corrupted \({size + 8} bytes, model.json records {size}\)")
+    assert str(path) in msg
+    path.write_bytes(path.read_bytes()[:size])
+    (copy / "tokenizer" / "merges.txt").unlink()
+    _fails(copy, "merges.txt' is missing; re-convert the model")
 
 
 def test_unknown_format(copy):

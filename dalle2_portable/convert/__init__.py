@@ -1,8 +1,9 @@
 """Converters: reference checkpoints (Hub ids or local folders) -> model directories.
 
 `convert(source, out_dir)` writes one model directory atomically. `resolve_model(model)` is what the loaders
-call: a model directory is used as it is; a Hub id or a reference folder is converted once into the cache
-(DALLE2_CACHE, default ~/.cache/dalle2_portable), keyed by repo and resolved commit, and reused after that.
+call: "default" is the packaged model (dalle2_portable/default_model); a model directory is used as it is; a
+Hub id or a reference folder is converted once into the cache (DALLE2_CACHE, default ~/.cache/dalle2_portable),
+keyed by repo and resolved commit, and reused after that.
 
 Both go through the same two steps: `probe` resolves the source once (a Hub revision to its commit, downloading
 only the index files) and learns its layout and weight files; `_convert_into` takes that `Probe`, downloads the
@@ -132,10 +133,26 @@ def _fingerprint(folder: Path) -> str:
     return h.hexdigest()[:16]
 
 
+def default_model() -> Path:
+    """The packaged model's directory; one line saying how to get a model when this install has none."""
+    path = Path(store.DEFAULT_MODEL_DIR)
+    if not (path / store.MODEL_JSON).is_file():
+        raise Dalle2Error(f"the default model is not in this install ({str(path)!r} has no {store.MODEL_JSON}); "
+                          "pass a model, e.g. --model kakaobrain/karlo-v1-alpha (Python: "
+                          "load_pipeline('kakaobrain/karlo-v1-alpha')), or build one with the recipe in README's "
+                          "\"The default model\"")
+    return path
+
+
 def resolve_model(model: str | os.PathLike, revision: str | None = None, variant: str | None = None) -> Path:
-    """A model directory for `model`: used as is if it is one, otherwise converted once into the cache, keyed by
-    repo and resolved commit (local folders: by a fingerprint of their files) and variant. A cached directory is
-    reused without reading the source's weights again."""
+    """A model directory for `model`: the string "default" is the packaged model (before any other lookup: a
+    folder named default is "./default" or a Path); a model directory is used as is; anything else is converted
+    once into the cache, keyed by repo and resolved commit (local folders: by a fingerprint of their files) and
+    variant. A cached directory is reused without reading the source's weights again."""
+    if isinstance(model, str) and model == store.DEFAULT:
+        if revision is not None or variant is not None:
+            raise Dalle2Error("the default model has no revisions or variants; drop --revision / --variant")
+        return default_model()
     path = Path(model).expanduser()
     if (path / store.MODEL_JSON).is_file():
         return path
@@ -157,4 +174,4 @@ def resolve_model(model: str | os.PathLike, revision: str | None = None, variant
     return target
 
 
-__all__ = ["convert", "resolve_model", "probe", "Probe", "cache_dir", "LAYOUTS"]
+__all__ = ["convert", "resolve_model", "default_model", "probe", "Probe", "cache_dir", "LAYOUTS"]
