@@ -336,6 +336,51 @@ def compare(prompt, model, revision, backends, dtype, seed, num_images, toleranc
         sys.exit(1)
 
 
+@main.command("eval")
+@click.argument("model", default="default", required=False)
+@click.option("--backend", type=click.Choice(["auto", "torch", "mlx", "both"]), default="auto", show_default=True,
+              help="both = a column per backend.")
+@click.option("--seeds", type=click.IntRange(min=1), default=None,
+              help="Pictures per prompt (seeds 0..N-1). [default: 3; 1 with --quick]")
+@click.option("--quick", is_flag=True, help="A handful of prompts (three colour/shape pairs, a trained and a novel "
+              "phrasing) and one or two of each check.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None,
+              help="Also write the whole report (every picture's judgement) as JSON.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Pictures per sampling call.")
+@click.option("--revision", default=None, help="Hub branch, tag or commit (default: main).")
+@click.option("--device", default=None, help="e.g. cuda, cpu, gpu (default: the best there).")
+@click.option("--dtype", type=DTYPES, default="float32", show_default=True, help="Compute dtype.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress lines.")
+@click.option("--force", is_flag=True, help="Overwrite --json's file if it exists.")
+@_stage_options(STAGES)
+def eval_(model, backend, seeds, quick, json_out, batch_size, revision, device, dtype, quiet, force, **stages):
+    """Measure whether MODEL draws what its prompts say, from the pixels: generate every colour x shape of the
+    shapes data in trained and novel phrasings, name each picture's colour and shape (dalle2_portable.evaluate),
+    and check variations, edits, interpolations and reranking. Prints a Markdown table. MODEL: a model directory
+    or Hub id (default: the embedded default model)."""
+    import json
+
+    from .evaluate import evaluate, markdown_table
+    from .images import check_output, write_atomic
+    from .pipeline import load_pipeline
+
+    if json_out is not None:
+        check_output(json_out, force, ".json")
+    log = (lambda line: None) if quiet else (lambda line: click.echo(line, err=True))
+    reports = []
+    for name in ("torch", "mlx") if backend == "both" else (backend,):
+        pipe = load_pipeline(model, backend=name, device=device, dtype=dtype, revision=revision)
+        reports.append(evaluate(pipe, seeds=seeds, quick=quick, batch_size=batch_size, log=log,
+                                **_options(stages)))
+    click.echo(markdown_table(reports))
+    if json_out is not None:
+        text = json.dumps({"model": model, "reports": [r.to_dict() for r in reports]}, indent=1)
+        write_atomic(json_out, lambda f: f.write(text.encode()), force, ".json")
+        if not quiet:
+            click.echo(f"wrote {json_out}")
+
+
 def _setting(name: str, *decls, **kw):
     """A `dalle2 train` option for TrainSettings field `name`; unset (None) options leave the field to --from's
     value or TrainSettings' default, which the help shows."""
