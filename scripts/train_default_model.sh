@@ -5,7 +5,8 @@
 #   clip      both CLIP towers from scratch, its tokenizer learnt from the shapes captions (32 px images)
 #   prior     caption -> CLIP image embedding, x0 prediction (Karlo's objective)
 #   decoder   CLIP image embedding (+ caption) -> 32 px image, v prediction, Karlo's learned variance
-#   sr        32 -> 64 px upsampler, epsilon prediction, noise-augmented conditioning
+#   sr        32 -> 64 px upsampler, epsilon prediction, noise-augmented conditioning (min-SNR-5 weights
+#             for the decoder and the upsampler)
 # The seconds each stage took are appended to RUNS_DIR/times.txt.
 set -euo pipefail
 OUT=${1:-runs/default}
@@ -31,7 +32,7 @@ stage clip clip --config tiny --image-size 32 --steps 5000 --batch-size 64 --lr 
 stage prior prior -m "$OUT/clip/model" --config tiny --steps 3000 --batch-size 64 --lr 1e-3 --warmup 100 \
   --checkpoint-every 500
 stage decoder decoder -m "$OUT/prior/model" --config tiny --image-size 32 --prediction v_prediction \
-  --steps 4000 --batch-size 32 --lr 1e-3 --warmup 200 --checkpoint-every 250
+  --min-snr-gamma 5 --steps 3000 --batch-size 32 --lr 1e-3 --warmup 200 --checkpoint-every 250
 stage sr super-res -m "$OUT/decoder/model" --config tiny --image-size 64 --sr-noise 0.05 \
-  --steps 2000 --batch-size 16 --lr 1e-3 --warmup 100 --checkpoint-every 250
+  --min-snr-gamma 5 --steps 1500 --batch-size 16 --lr 1e-3 --warmup 100 --checkpoint-every 250
 echo "the model: $OUT/sr/model"

@@ -1,0 +1,75 @@
+"""Put a model trained by scripts/train_default_model.sh into the package as the default model.
+
+    python scripts/package_default_model.py runs/default [--eval eval.json] [--prior-steps 25 ...]
+
+Copies RUNS/sr/model into dalle2_portable/default_model (atomically), sets the sampling defaults it ships
+with, and writes its "about" block (the recipe, each stage's steps and measured seconds from RUNS/times.txt,
+the data, and the accuracy table of `dalle2 eval --json` if given) and the checksums that loading verifies
+(store.write_spec). Refuses a model over the 20 MB the package allows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+from dalle2_portable import store
+from dalle2_portable.spec import Source
+
+LIMIT = 20 * 2**20
+STAGES = ("clip", "prior", "decoder", "sr")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("runs", type=Path)
+    ap.add_argument("--eval", type=Path, default=None, help="the JSON of `dalle2 eval --json` on this model")
+    ap.add_argument("--out", type=Path, default=store.DEFAULT_MODEL_DIR)
+    for option, default in (("prior_steps", 25), ("prior_guidance", 4.0), ("decoder_steps", 25),
+                            ("decoder_guidance", 3.0), ("super_res_steps", 7)):
+        ap.add_argument("--" + option.replace("_", "-"), type=type(default), default=default)
+    ap.add_argument("--decoder-sampler", default="ddim")
+    ap.add_argument("--prior-sampler", default="ancestral")
+    ap.add_argument("--super-res-sampler", default="ddim")
+    args = ap.parse_args()
+    source = args.runs / "sr" / "model"
+    spec = store.read_spec(source)
+    size = sum(p.stat().st_size for p in source.rglob("*") if p.is_file())
+    if size > LIMIT:
+        raise SystemExit(f"error: {source} is {size / 2**20:.1f} MiB; the package allows 20 MiB")
+    about = {"recipe": "bash scripts/train_default_model.sh, then scripts/package_default_model.py",
+             "data": "the procedural shapes data (dalle2_portable/train/shapes.py), 5000 items, seed 0"}
+    times = {}
+    if (args.runs / "times.txt").is_file():
+        for line in (args.runs / "times.txt").read_text().splitlines():
+            name, seconds = line.split()[:2]
+            times[name] = times.get(name, 0) + int(seconds)  # a resumed stage: its parts add up
+    for stage in STAGES:
+        record = json.loads((args.runs / stage / "run.json").read_text())
+        about[f"{stage}.steps"] = record["settings"]["steps"]
+        about[f"{stage}.batch_size"] = record["settings"]["batch_size"]
+        if stage in times:
+            about[f"{stage}.train_seconds"] = times[stage]
+    if args.eval:
+        for report in json.loads(args.eval.read_text())["reports"]:
+            for kind, rates in report["accuracy"].items():
+                about[f"accuracy.{report['backend']}.{kind}"] = {k: round(v["rate"], 4) for k, v in rates.items()}
+    defaults = dataclasses.replace(spec.defaults, **{k: getattr(args, k) for k in (
+        "prior_steps", "prior_guidance", "decoder_steps", "decoder_guidance", "super_res_steps", "prior_sampler",
+        "decoder_sampler", "super_res_sampler")})
+    with store.atomic_directory(args.out, overwrite=True) as tmp:
+        for p in source.rglob("*"):
+            if p.is_file() and p.name != store.MODEL_JSON:
+                (tmp / p.relative_to(source)).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(p, tmp / p.relative_to(source))
+        spec = dataclasses.replace(spec, defaults=defaults, source=Source("dalle2_portable default", None,
+                                                                               "dalle2_portable"))
+        store.write_spec(tmp, spec, about=about)
+    print(f"wrote {args.out} ({size / 2**20:.1f} MiB)")
+
+
+if __name__ == "__main__":
+    main()
