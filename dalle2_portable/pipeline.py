@@ -121,6 +121,8 @@ class Pipeline:
         """The Stage of each named stage: the call's options ({stage}_steps, {stage}_guidance, {stage}_sampler
         as the stage has them, each None = the model's default) over the model's defaults."""
         settings = self.defaults.override(names, options)
+        if "super_res_first" not in self.spec.components:  # a cascade without an upsampler ends at the decoder
+            names = tuple(s for s in names if s != "super_res")
         stages = {}
         for s in names:
             if s not in self._schedules:

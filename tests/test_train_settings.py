@@ -108,3 +108,21 @@ def test_settings_from_json_values():
                          ({"ema_max_decay": 1.0}, "ema must be in [0, 1)")):
         with pytest.raises(Dalle2Error, match=message.replace("[", r"\[").replace(")", r"\)")):
             settings_from({"steps": 1, **bad}, "run.json")
+
+
+def test_a_model_without_upsampler_ends_at_the_decoder(models, tmp_path):
+    """The recipe's intermediate models (a decoder trained on a CLIP + prior, no super-res yet) generate and
+    preview at the decoder's size."""
+    import dataclasses
+    import shutil
+
+    folder = tmp_path / "m"
+    shutil.copytree(models["karlo"], folder)
+    spec = store.read_spec(folder)
+    keep = {k: v for k, v in spec.components.items() if not k.startswith("super_res")}
+    schedulers = {k: v for k, v in spec.schedulers.items() if k != "super_res"}
+    store.write_spec(folder, dataclasses.replace(spec, components=keep, schedulers=schedulers))
+    result = d2.load_pipeline(folder, backend=BACKENDS[0]).generate("a red circle", prior_steps=2, decoder_steps=2,
+                                                                    super_res_steps=2)
+    size = spec.components["decoder"].config.sample_size
+    assert result.images[0].size == (size, size) and "super_res_steps" not in result.settings
