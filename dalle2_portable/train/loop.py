@@ -124,9 +124,9 @@ def train(stage: str, data, out, model=None, config: str | None = None, settings
         base = (run / "seed").absolute()
     else:
         base = resolve_model(model)
-    source = "shapes" if str(data) == "shapes" else data if isinstance(data, Dataset) else str(Path(data).absolute())
+    source = None if isinstance(data, Dataset) else "shapes" if str(data) == "shapes" else str(Path(data).absolute())
     record = {"stage": stage, "base_model": str(Path(base).absolute()), "data": dataset.describe(),
-              "data_source": source if isinstance(source, str) else None, "config": config,
+              "data_source": source, "config": config,  # source: what --from relaunches (None: a Python object)
               "clip": None if clip is None else str(Path(resolve_model(clip)).absolute()),
               "settings": dataclasses.asdict(settings)}
     _check_run(run, record, resume)

@@ -18,6 +18,14 @@ from ..errors import Dalle2Error
 from ..spec import PREDICTION_TYPES
 from .optim import AdamW
 
+ACCEPTS = {bool: (bool,), int: (int,), float: (int, float), str: (str,), list: (list,), tuple: (tuple,)}
+
+
+def is_json_type(value, kind: type) -> bool:
+    """Whether `value` (read from JSON) is of `kind`: an int is a float, a bool is no number."""
+    return isinstance(value, ACCEPTS[kind]) and (kind is bool or not isinstance(value, bool))
+
+
 @dataclass(frozen=True)
 class TrainSettings:
     """A run's settings (run.json "settings"); `steps` is the run's total, so a resumed run may extend it."""
@@ -52,13 +60,11 @@ class TrainSettings:
             value, kind = getattr(self, f.name), f.type.removesuffix(" | None")
             if value is None and f.type.endswith("| None"):
                 continue
-            ok = {"bool": (bool,), "int": (int,), "float": (int, float), "str": (str,)}.get(kind, (tuple,))
-            if not isinstance(value, ok) or (kind != "bool" and isinstance(value, bool)):
+            if not is_json_type(value, {"bool": bool, "int": int, "float": float, "str": str}.get(kind, tuple)):
                 raise Dalle2Error(f"setting {f.name} must be {kind}, got {value!r}")
         for name in ("steps", "batch_size", "checkpoint_every", "data_size", "image_size", "accumulate"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise Dalle2Error(f"{name} must be a positive integer, got {value!r}")
+            if getattr(self, name) < 1:  # an int: checked above
+                raise Dalle2Error(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         for name in ("cond_drop", "caption_drop"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise Dalle2Error(f"{name} must be in [0, 1), got {getattr(self, name)}")
@@ -131,8 +137,7 @@ def component_configs(path: str, presets: dict) -> dict:
         current = cfg.to_dict()
         for key, value in fields.items():  # the preset's value's JSON type (a field that may be null: any)
             like = current.get(key)
-            kinds = {bool: (bool,), int: (int,), float: (int, float), str: (str,), list: (list,)}.get(type(like))
-            if kinds and (not isinstance(value, kinds) or (isinstance(value, bool) and type(like) is not bool)):
+            if type(like) in ACCEPTS and not is_json_type(value, type(like)):
                 raise Dalle2Error(f"{where}: {name}.{key} must be a JSON {type(like).__name__} as in the preset "
                                   f"({like!r}), got {value!r}")
         out[name] = type(cfg).from_dict({**current, **fields}, where)
