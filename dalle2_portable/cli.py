@@ -432,6 +432,8 @@ def _setting(name: str, *decls, **kw):
           help="The decoder's or the super-res UNet's sample size when trained from scratch.")
 @_setting("sr_noise", "--sr-noise", type=click.FloatRange(min=0),
           help="super-res: std of the noise added to the small image (augmentation).")
+@_setting("low_size", "--low-size", type=click.IntRange(min=8),
+          help="super-res: the small image's side. [default: the base model's decoder's]")
 @_setting("checkpoint_every", "--checkpoint-every", type=click.IntRange(min=1))
 @_setting("preview_every", "--preview-every", type=click.IntRange(min=0),
           help="OUT/previews/step-N.png every N steps and at the end (0: none).")

@@ -2,10 +2,13 @@
 
     python scripts/package_default_model.py runs/default [--eval eval.json] [--prior-steps 25 ...]
 
-Copies RUNS/sr/model into dalle2_portable/default_model (atomically), sets the sampling defaults it ships
-with, and writes its "about" block (the recipe, each stage's steps and measured seconds from RUNS/times.txt,
-the data, and the accuracy table of `dalle2 eval --json` if given) and the checksums that loading verifies
-(store.write_spec). Refuses a model over the 20 MB the package allows.
+The recipe trains the decoder and the upsampler side by side, so the model is assembled here: RUNS/model is
+RUNS/decoder/model (both CLIP towers, their tokenizer, the prior, text_proj, the decoder) with the upsampler of
+RUNS/sr/model (which must upsample from the decoder's size) and the sampling defaults it ships with. That
+directory is then copied into dalle2_portable/default_model (atomically) with its "about" block (the recipe,
+each stage's steps and measured seconds from RUNS/times.txt, the data, and the accuracy table of
+`dalle2 eval RUNS/model --json` if given) and the checksums that loading verifies (store.write_spec).
+Refuses a model over the 20 MB the package allows.
 """
 
 from __future__ import annotations
@@ -23,6 +26,26 @@ LIMIT = 20 * 2**20
 STAGES = ("clip", "prior", "decoder", "sr")
 
 
+def assemble(decoder: Path, sr: Path, out: Path, defaults: dict) -> Path:
+    """`out`: the decoder's model with the upsampler, the upsampler's scheduler and `defaults` (sampling)."""
+    spec, sr_spec = store.read_spec(decoder), store.read_spec(sr)
+    low, size = sr_spec.defaults.decoder_sample_size, spec.components["decoder"].config.sample_size
+    if low != size:
+        raise SystemExit(f"error: {sr} upsamples from {low} px, the decoder in {decoder} makes {size} px; train "
+                         f"the upsampler with --low-size {size}")
+    upsampler = sr_spec.components["super_res_first"]
+    with store.atomic_directory(out, overwrite=True) as tmp:
+        shutil.copytree(decoder, tmp, dirs_exist_ok=True)
+        shutil.copyfile(sr / upsampler.weights, tmp / upsampler.weights)
+        spec = dataclasses.replace(
+            spec, components={**spec.components, "super_res_first": upsampler},
+            schedulers={**spec.schedulers, "super_res": sr_spec.schedulers["super_res"]},
+            defaults=dataclasses.replace(spec.defaults, **defaults,
+                                         super_res_sample_size=sr_spec.defaults.super_res_sample_size))
+        store.write_spec(tmp, spec)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", type=Path)
@@ -35,7 +58,10 @@ def main() -> None:
     ap.add_argument("--prior-sampler", default="ancestral")
     ap.add_argument("--super-res-sampler", default="ddim")
     args = ap.parse_args()
-    source = args.runs / "sr" / "model"
+    defaults = {k: getattr(args, k) for k in ("prior_steps", "prior_guidance", "decoder_steps", "decoder_guidance",
+                                              "super_res_steps", "prior_sampler", "decoder_sampler",
+                                              "super_res_sampler")}
+    source = assemble(args.runs / "decoder" / "model", args.runs / "sr" / "model", args.runs / "model", defaults)
     spec = store.read_spec(source)
     size = sum(p.stat().st_size for p in source.rglob("*") if p.is_file())
     if size > LIMIT:
@@ -57,16 +83,12 @@ def main() -> None:
         for report in json.loads(args.eval.read_text())["reports"]:
             for kind, rates in report["accuracy"].items():
                 about[f"accuracy.{report['backend']}.{kind}"] = {k: round(v["rate"], 4) for k, v in rates.items()}
-    defaults = dataclasses.replace(spec.defaults, **{k: getattr(args, k) for k in (
-        "prior_steps", "prior_guidance", "decoder_steps", "decoder_guidance", "super_res_steps", "prior_sampler",
-        "decoder_sampler", "super_res_sampler")})
     with store.atomic_directory(args.out, overwrite=True) as tmp:
         for p in source.rglob("*"):
             if p.is_file() and p.name != store.MODEL_JSON:
                 (tmp / p.relative_to(source)).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(p, tmp / p.relative_to(source))
-        spec = dataclasses.replace(spec, defaults=defaults, source=Source("dalle2_portable default", None,
-                                                                               "dalle2_portable"))
+        spec = dataclasses.replace(spec, source=Source("dalle2_portable default", None, "dalle2_portable"))
         store.write_spec(tmp, spec, about=about)
     print(f"wrote {args.out} ({size / 2**20:.1f} MiB)")
 

@@ -4,7 +4,11 @@ a UNet trained from scratch replaces both of the base model's upsamplers."""
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,11 +16,20 @@ from conftest import BACKENDS, assert_close_to_scale, assert_one_step_agrees
 
 import dalle2_portable as d2
 from dalle2_portable import store
+from dalle2_portable.errors import Dalle2Error
 from dalle2_portable.sampling import upscale_bicubic
 from dalle2_portable.schedule import UnCLIPSchedule
 from dalle2_portable.train.loop import TrainSettings, _Context, train
 from dalle2_portable.train.shapes import ShapesDataset
 from dalle2_portable.train.stages import SCHEDULERS, super_res_batch, super_res_loss
+
+def _package_script():
+    path = Path(__file__).parents[1] / "scripts" / "package_default_model.py"
+    module_spec = importlib.util.spec_from_file_location("package_default_model", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
+
 
 SETTINGS = TrainSettings(steps=60, data_size=32, batch_size=8, lr=1e-3, warmup=10, checkpoint_every=30,
                          image_size=16, sr_noise=0.02)
@@ -62,3 +75,32 @@ def test_fine_tuning_lowers_the_loss_and_from_scratch_replaces_both_upsamplers(m
     result = d2.load_pipeline(out, backend=backend).vary(np.ones((1, 16), np.float32), decoder_steps=2,
                                                          super_res_steps=2)
     assert result.samples.shape == (1, 3, 16, 16) and np.isfinite(result.samples).all()
+
+
+def test_an_upsampler_trains_beside_its_decoder_from_a_base_without_one(models, tmp_path):
+    """--low-size: the upsampler of a decoder still training (the default model's recipe runs them side by
+    side) learns from a base model with no decoder, and its model records the size it upsamples from."""
+    base = tmp_path / "no_decoder"
+    shutil.copytree(models["iv"], base)
+    spec = store.read_spec(base)
+    size = spec.components["decoder"].config.sample_size
+    store.write_spec(base, dataclasses.replace(
+        spec, components={k: c for k, c in spec.components.items() if k not in ("text_proj", "decoder")},
+        defaults=dataclasses.replace(spec.defaults, decoder_sample_size=None)))
+    settings = TrainSettings(**{**SETTINGS.__dict__, "steps": 2})
+    with pytest.raises(Dalle2Error, match="no decoder to upsample from; pass --low-size"):
+        train("super_res", "shapes", tmp_path / "a", base, config="tiny", backend=BACKENDS[0], settings=settings)
+    out = train("super_res", "shapes", tmp_path / "b", base, config="tiny", backend=BACKENDS[0],
+                settings=dataclasses.replace(settings, low_size=size))
+    assert store.read_spec(out).defaults.decoder_sample_size == size
+    # the recipe's last step joins it to the decoder (scripts/package_default_model.py)
+    joined = _package_script().assemble(Path(models["iv"]), out, tmp_path / "joined", {"super_res_steps": 2})
+    spec = store.read_spec(joined)
+    assert spec.components["super_res_first"] == store.read_spec(out).components["super_res_first"]
+    assert spec.defaults.super_res_steps == 2 and spec.defaults.super_res_sample_size == 16
+    result = d2.load_pipeline(joined, backend=BACKENDS[0]).vary(np.ones((1, 16), np.float32), decoder_steps=2)
+    assert result.samples.shape == (1, 3, 16, 16)
+    assert store.verify_model(joined)  # its checksums were written
+    with pytest.raises(Dalle2Error, match=f"--low-size {size + 4} differs from the base model's decoder"):
+        train("super_res", "shapes", tmp_path / "c", models["iv"], config="tiny", backend=BACKENDS[0],
+              settings=dataclasses.replace(settings, low_size=size + 4))

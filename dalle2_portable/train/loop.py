@@ -153,6 +153,7 @@ def train(stage: str, data, out, model=None, config: str | None = None, settings
                               "openai/clip-vit-large-patch14)")
         embeddings = cache_embeddings(dataset, clip, run / "embeddings", progress=progress)
         uncond = clip.text_condition([""])
+    low_size = _low_size(spec, settings) if stage == "super_res" else None
     configs = _configs(stage, spec, embeddings, config, settings)
     scheduler = _scheduler(stage, spec, settings)
     record["components"] = {name: cfg.to_dict() for name, cfg in configs.items()}
@@ -194,15 +195,15 @@ def train(stage: str, data, out, model=None, config: str | None = None, settings
     elif stage == "clip":
         ctx.clip, ctx.image_size = clip, embedding_size(clip)
     else:  # the super-res UNet's size, and the decoder's that it upsamples from
-        ctx.image_size = configs["super_res_first"].sample_size
-        ctx.low_size = spec.defaults.decoder_sample_size or spec.components["decoder"].config.sample_size
+        ctx.image_size, ctx.low_size = configs["super_res_first"].sample_size, low_size
     n, bs = len(dataset), settings.batch_size
     end = settings.steps if stop_at is None else min(settings.steps, stop_at)
     # a super-res UNet trained from scratch serves every step: the base's super_res_last belonged to another
     drop = ("super_res_last",) if stage == "super_res" and config is not None else ()
 
     def result(step: int) -> Path:  # RUN/model with the EMA weights so far, and its preview if asked
-        out = _write_model(run, base, spec, configs, scheduler, stage, b.to_numpy(bundle, ema.shadow), drop)
+        out = _write_model(run, base, spec, configs, scheduler, stage, b.to_numpy(bundle, ema.shadow), drop,
+                           low_size)
         if settings.preview_every and stage != "clip":
             write_preview(run, step, stage, out, b, dataset)
         return out
@@ -235,6 +236,20 @@ def train(stage: str, data, out, model=None, config: str | None = None, settings
     if end < settings.steps:
         return None
     return result(end)
+
+
+def _low_size(spec: ModelSpec, settings: TrainSettings) -> int:
+    """The side of the small image a super-res UNet learns to upsample: the base model's decoder's, or
+    --low-size (which must agree with a decoder the base model has)."""
+    decoder = spec.components.get("decoder")
+    size = spec.defaults.decoder_sample_size or (decoder.config.sample_size if decoder else None)
+    if settings.low_size is None and size is None:
+        raise Dalle2Error("the base model has no decoder to upsample from; pass --low-size N (the --image-size "
+                          "of the decoder this upsampler will follow)")
+    if settings.low_size is not None and decoder is not None and settings.low_size != size:
+        raise Dalle2Error(f"--low-size {settings.low_size} differs from the base model's decoder ({size} px); "
+                          "drop --low-size or pass the decoder's size")
+    return settings.low_size or size
 
 
 def _scheduler(stage: str, spec: ModelSpec, settings: TrainSettings):
@@ -282,9 +297,9 @@ def _component(b, base: Path, spec: ModelSpec, name: str, cfg, fine_tune: bool, 
 
 
 def _write_model(run: Path, base: Path, spec: ModelSpec, configs: dict, scheduler, stage: str, weights: dict,
-                 drop: tuple[str, ...] = ()) -> Path:
+                 drop: tuple[str, ...] = (), low_size: int | None = None) -> Path:
     """RUN/model: the base model's files (but `drop`) with the trained components (EMA weights) and the stage's
-    scheduler."""
+    scheduler. An upsampler's model records the decoder size it upsamples from (`low_size`)."""
     with store.atomic_directory(run / "model", overwrite=True) as tmp:
         components = {k: c for k, c in spec.components.items() if k not in drop}
         for name in components:
@@ -302,7 +317,8 @@ def _write_model(run: Path, base: Path, spec: ModelSpec, configs: dict, schedule
         if "decoder" in configs:
             defaults = dataclasses.replace(defaults, decoder_sample_size=configs["decoder"].sample_size)
         if "super_res_first" in configs:
-            defaults = dataclasses.replace(defaults, super_res_sample_size=configs["super_res_first"].sample_size)
+            defaults = dataclasses.replace(defaults, super_res_sample_size=configs["super_res_first"].sample_size,
+                                           decoder_sample_size=low_size)
         if "logit_scale.logit_scale" in weights:
             defaults = dataclasses.replace(defaults, clip_logit_scale=float(weights["logit_scale.logit_scale"]))
         schedulers = {**spec.schedulers, stage: scheduler} if scheduler is not None else spec.schedulers

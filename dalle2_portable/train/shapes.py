@@ -25,7 +25,7 @@ from ..errors import Dalle2Error
 from .data import Dataset
 
 # Bumped whenever a change here changes any item's pixels or caption (it is part of the fingerprint).
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # v2: half the captions are PARAPHRASES (the pixels are v1's)
 
 # Named colours, chosen far apart (every pair differs by more than 80 in RGB Euclidean distance).
 COLOURS = {
@@ -53,6 +53,32 @@ TEMPLATES = (
     "a {color} {shape} {position}",
     "a {size} {color} {shape} {position}, on a {background} background",
 )
+# Half the captions are written from these instead: other openers, words and word orders (the shape before its
+# colour), so the text tower learns to find the colour and the shape in any sentence. The evaluation's NOVEL
+# phrasings (evaluate.py) are none of these.
+PARAPHRASES = (
+    "a photo of a {color} {shape}",
+    "an illustration of a {color} {shape}",
+    "a rendering of a {size} {color} {shape}",
+    "a sketch of one {color} {shape}",
+    "this is a {color} {shape}",
+    "here we see a {color} {shape} {position}",
+    "one {color} {shape}",
+    "{size} {color} {shape}",
+    "the {color} {shape}",
+    "a {shape} in {color}",
+    "a {shape}, colored {color}",
+    "the {shape} is {color}",
+    "a {size} {shape}, {color}, on a {background} background",
+    "a {color} colored {shape} on {background}",
+    "a simple {color} {shape} shape",
+    "a single {size} {color} {shape}, {background} background",
+    "look at the {color} {shape}",
+    "{color} {shape} {position}",
+    "a picture with a {color} {shape} in it",
+)
+CAPTION_TEMPLATES = TEMPLATES + PARAPHRASES  # ShapeAttributes.template indexes this
+PARAPHRASE_RATE = 0.5
 _SUPERSAMPLE = 4
 
 
@@ -60,7 +86,7 @@ _SUPERSAMPLE = 4
 class ShapeAttributes:
     """What an item shows, to score generated pictures against. `box` is the shape's bounding box (x0, y0, x1,
     y1) as fractions of the image side (x to the right, y down); `position` the 3 x 3 grid cell of its centre
-    ("top left", "middle center", ...); `template` the index in TEMPLATES its caption was written from."""
+    ("top left", "middle center", ...); `template` the index in CAPTION_TEMPLATES its caption was written from."""
 
     color: str
     shape: str
@@ -109,10 +135,12 @@ def draw_attributes(seed: int, index: int) -> tuple[ShapeAttributes, str]:
     lo, hi = side / 2 + MARGIN, 1 - side / 2 - MARGIN
     cx, cy = (float(c) for c in rng.uniform(lo, hi, size=2))
     template = int(rng.integers(len(TEMPLATES)))
+    if rng.random() < PARAPHRASE_RATE:  # drawn last (as is the template), so the scene is v1's
+        template = len(TEMPLATES) + int(rng.integers(len(PARAPHRASES)))
     row, col = _grid(cy, ("top", "middle", "bottom")), _grid(cx, ("left", "center", "right"))
     attrs = ShapeAttributes(color, shape, size, background, (cx - side / 2, cy - side / 2, cx + side / 2,
                                                              cy + side / 2), f"{row} {col}", template)
-    caption = TEMPLATES[template].format(color=color, shape=shape, size=size, background=background,
+    caption = CAPTION_TEMPLATES[template].format(color=color, shape=shape, size=size, background=background,
                                          position=POSITIONS[row, col])
     return attrs, re.sub(r"\ba (?=[aeiou])", "an ", caption)  # "an orange circle"
 
