@@ -96,24 +96,34 @@ def test_colours_far_apart_background_differs():
 
 def test_captions_name_what_is_drawn_and_every_template_is_reached():
     ds = ShapesDataset(300, seed=2, size=16)
+    made_up = []
     for i in range(len(ds)):
         a, caption = ds.attributes(i), ds.caption(i)
-        words = caption.replace(",", "").split()
-        assert a.color in words and a.shape in words, caption
         template = CAPTION_TEMPLATES[a.template]
+        row, col = a.position.split()
+        plain = template.format(color=a.color, shape=a.shape, size=a.size, background=a.background,
+                                position=POSITIONS[row, col]).split()
+        article = [{"an": "a"}.get(w, w) for w in plain]  # "a orange" is written "an orange"
+        words = caption.split()
+        kept = [words[:k] + words[k + 1:] for k in range(len(words))] if len(words) > len(plain) else [words]
+        kept = [w for w in kept if [{"an": "a"}.get(x, x) for x in w] == article]
+        assert kept, caption  # the template's sentence, or it with one made-up word of letters
+        made_up.append(len(words) > len(plain))
+        text = " ".join(kept[0])
+        assert a.color in text.replace(",", "").split() and a.shape in text.replace(",", "").split(), caption
         if "{size}" in template:
-            assert a.size in words, caption
+            assert a.size in text.split(), caption
         if "{background}" in template:
-            assert f"{a.background} background" in caption or caption.endswith(f"on {a.background}"), caption
+            assert f"{a.background} background" in text or text.endswith(f"on {a.background}"), caption
         if "{position}" in template:
-            row, col = a.position.split()
-            assert POSITIONS[row, col] in caption, caption
+            assert POSITIONS[row, col] in text, caption
         cx, cy = (a.box[0] + a.box[2]) / 2, (a.box[1] + a.box[3]) / 2
         assert a.position == (f"{('top', 'middle', 'bottom')[min(2, int(cy * 3))]} "
                               f"{('left', 'center', 'right')[min(2, int(cx * 3))]}")
         assert " a orange" not in caption and not caption.startswith("a orange")
     assert {ds.attributes(i).template for i in range(len(ds))} == set(range(len(CAPTION_TEMPLATES)))
     assert 0.4 < np.mean([ds.attributes(i).template >= len(TEMPLATES) for i in range(len(ds))]) < 0.6
+    assert 0.15 < np.mean(made_up) < 0.35  # a made-up word in about a quarter
     assert {ds.attributes(i).position for i in range(len(ds))} > {"middle center"}  # several positions
     assert ds.caption(0) != ds.caption(1) or ds.caption(1) != ds.caption(2)
 

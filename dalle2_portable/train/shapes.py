@@ -25,7 +25,7 @@ from ..errors import Dalle2Error
 from .data import Dataset
 
 # Bumped whenever a change here changes any item's pixels or caption (it is part of the fingerprint).
-GENERATOR_VERSION = 2  # v2: half the captions are PARAPHRASES (the pixels are v1's)
+GENERATOR_VERSION = 3  # v2: half the captions PARAPHRASES; v3: some with a made-up word (the pixels are v1's)
 
 # Named colours, chosen far apart (every pair differs by more than 80 in RGB Euclidean distance).
 COLOURS = {
@@ -79,6 +79,10 @@ PARAPHRASES = (
 )
 CAPTION_TEMPLATES = TEMPLATES + PARAPHRASES  # ShapeAttributes.template indexes this
 PARAPHRASE_RATE = 0.5
+# A quarter of the captions get one made-up word (random letters) at a random place, so a word the tokenizer has
+# never seen (it is learnt from these captions) reads as noise, not as a colour.
+MADE_UP_RATE = 0.25
+_NAMED = set(COLOURS) | set(SHAPES) | set(SIZES)
 _SUPERSAMPLE = 4
 
 
@@ -141,7 +145,13 @@ def draw_attributes(seed: int, index: int) -> tuple[ShapeAttributes, str]:
     attrs = ShapeAttributes(color, shape, size, background, (cx - side / 2, cy - side / 2, cx + side / 2,
                                                              cy + side / 2), f"{row} {col}", template)
     caption = CAPTION_TEMPLATES[template].format(color=color, shape=shape, size=size, background=background,
-                                         position=POSITIONS[row, col])
+                                                 position=POSITIONS[row, col])
+    if rng.random() < MADE_UP_RATE:  # drawn last too
+        words, made_up = caption.split(" "), None
+        while made_up is None or made_up in _NAMED:
+            made_up = "".join(chr(97 + int(c)) for c in rng.integers(26, size=int(rng.integers(3, 9))))
+        words.insert(int(rng.integers(len(words) + 1)), made_up)
+        caption = " ".join(words)
     return attrs, re.sub(r"\ba (?=[aeiou])", "an ", caption)  # "an orange circle"
 
 
