@@ -46,7 +46,7 @@ stage prior prior -m "$OUT/clip/model" --config tiny --steps 6000 --batch-size 6
   --checkpoint-every 500
 export OMP_NUM_THREADS=1 THREADS=1
 stage decoder decoder -m "$OUT/prior/model" --config "$OUT/decoder.json" --image-size 32 \
-  --prediction v_prediction --min-snr-gamma 5 --steps 5000 --batch-size 32 --lr 1e-3 --warmup 200 \
+  --prediction v_prediction --min-snr-gamma 5 --steps 4500 --batch-size 32 --lr 1e-3 --warmup 200 \
   --checkpoint-every 250 --quiet &
 decoder=$!
 stage sr super-res -m "$OUT/prior/model" --config "$OUT/sr.json" --image-size 64 --low-size 32 --sr-noise 0.05 \
