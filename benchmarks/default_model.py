@@ -37,7 +37,9 @@ times = {{}}
 for batch in (1, 8):
     best = float("inf")
     for _ in range({repeat}):
-        t = time.perf_counter(); out = pipe.generate({prompts!r}[:batch], seed=0); best = min(best, time.perf_counter() - t)
+        t = time.perf_counter()
+        out = pipe.generate({prompts!r}[:batch], seed=0)
+        best = min(best, time.perf_counter() - t)
     times[batch] = best
 np.save({out!r}, np.stack([np.asarray(im) for im in out.images]))
 size = out.images[0].size[0]
