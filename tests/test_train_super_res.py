@@ -77,6 +77,7 @@ def test_fine_tuning_lowers_the_loss_and_from_scratch_replaces_both_upsamplers(m
     assert result.samples.shape == (1, 3, 16, 16) and np.isfinite(result.samples).all()
 
 
+@pytest.mark.slow
 def test_an_upsampler_trains_beside_its_decoder_from_a_base_without_one(models, tmp_path):
     """--low-size: the upsampler of a decoder still training (the default model's recipe runs them side by
     side) learns from a base model with no decoder, and its model records the size it upsamples from."""
