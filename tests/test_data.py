@@ -110,7 +110,8 @@ def test_captions_name_what_is_drawn_and_every_template_is_reached():
         assert kept, caption  # the template's sentence, or it with one made-up word of letters
         made_up.append(len(words) > len(plain))
         text = " ".join(kept[0])
-        assert a.color in text.replace(",", "").split() and a.shape in text.replace(",", "").split(), caption
+        named = text.replace(",", "").split()
+        assert a.color in named and a.shape in named, caption
         if "{size}" in template:
             assert a.size in text.split(), caption
         if "{background}" in template:
