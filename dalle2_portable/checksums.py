@@ -29,6 +29,7 @@ import uuid
 from pathlib import Path
 
 from .errors import Dalle2Error
+from .paths import inside, relative_path
 
 SMALL_FILE = 64 << 20  # bytes: files up to this size are hashed on every load
 CACHE_NAME = "verified.json"
@@ -54,9 +55,7 @@ def parse(value, where: str) -> dict[str, dict] | None:
     if not isinstance(value, dict):
         raise Dalle2Error(f"{where}: \"files\" must be an object of path -> {{size, sha256}}; {fix}")
     for rel, entry in value.items():
-        parts = rel.split("/")
-        if not rel or rel.startswith("/") or ".." in parts or "\\" in rel:
-            raise Dalle2Error(f"{where}: \"files\" has path {rel!r}; paths are relative to the model directory")
+        relative_path(rel, f"{where} \"files\"")
         ok = (isinstance(entry, dict) and set(entry) == {"size", "sha256"} and type(entry["size"]) is int
               and isinstance(entry["sha256"], str) and _HEX.fullmatch(entry["sha256"]))
         if not ok:
@@ -92,7 +91,7 @@ def verify(directory: str | os.PathLike, files: dict[str, dict], rels: list[str]
     for rel in rels:
         if rel not in files:
             continue
-        entry, path = files[rel], directory / rel
+        entry, path = files[rel], inside(directory, rel, f"model.json \"files\"")
         what = "weight file" if rel.endswith(".safetensors") else "file"
         try:
             st = path.stat()

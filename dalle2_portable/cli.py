@@ -26,6 +26,10 @@ class _Group(click.Group):
         except Dalle2Error as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(2)
+        except click.UsageError as e:  # a bad option value: one line too, pointing at the command's help
+            where = e.ctx.command_path if e.ctx else "dalle2"
+            click.echo(f"error: {e.format_message().rstrip('.')}; see `{where} --help`", err=True)
+            sys.exit(2)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -137,7 +141,7 @@ def _model_options(f):
                      help="auto = MLX on Apple Silicon, else PyTorch."),
         click.option("--device", default=None, help="e.g. cuda, cuda:1, cpu, mps, gpu (default: the best there)."),
         click.option("--dtype", type=DTYPES, default="float32", show_default=True, help="Compute dtype."),
-        click.option("--seed", type=int, default=0, show_default=True,
+        click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
                      help="Seed of the one NumPy noise stream: the same image on every backend."),
         click.option("--quiet", "-q", is_flag=True, help="No progress bars and no list of written files."),
         click.option("--force", is_flag=True, help="Overwrite existing output files (otherwise they are an error, "
@@ -307,7 +311,7 @@ def edit(image, source, target, amount, output, num_images, model, revision, bac
 @click.option("--revision", default=None, help="Hub branch, tag or commit.")
 @click.option("--backends", default="torch,mlx", show_default=True, help="The two backends to compare.")
 @click.option("--dtype", type=DTYPES, default="float32", show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--num-images", "-n", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--tolerance", type=float, default=2.0, show_default=True,
               help="Largest allowed image difference, in 8-bit levels; above it the exit status is 1.")

@@ -18,6 +18,7 @@ from . import store
 from .backends import Backend, get_backend
 from .errors import Dalle2Error
 from .images import clip_preprocess, load_image
+from .paths import inside
 from .spec import ImageProcessorConfig, ModelSpec
 from .tokenizers import load_tokenizer
 
@@ -84,7 +85,10 @@ class CLIP:
             if self.spec.tokenizer is None:
                 raise Dalle2Error(f"model {str(self.model_dir)!r} has a text encoder but no tokenizer in model.json;"
                                   " re-convert it with `dalle2 convert`")
-            self.tokenizer = load_tokenizer(self.model_dir / "tokenizer", self.spec.tokenizer)
+            folder = inside(self.model_dir, "tokenizer", "model.json tokenizer")
+            for f in (folder.iterdir() if folder.is_dir() else ()):  # no file of it may lead out either
+                inside(self.model_dir, f"tokenizer/{f.name}", "model.json tokenizer")
+            self.tokenizer = load_tokenizer(folder, self.spec.tokenizer)
         self.image_processor = self.spec.image_processor or ImageProcessorConfig()
         self.origins = {name: (self.model_dir, self.spec) for name in towers}  # where each tower's weights are
 

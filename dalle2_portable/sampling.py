@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+import numbers
 
 import numpy as np
 
@@ -44,6 +45,9 @@ class NoiseStream:
         if generator is not None and not isinstance(generator, np.random.Generator):
             raise Dalle2Error(f"generator must be a numpy.random.Generator (np.random.default_rng(seed)), "
                               f"got {type(generator).__name__}")
+        if generator is None and seed is not None and (isinstance(seed, bool) or not isinstance(
+                seed, numbers.Integral) or seed < 0):
+            raise Dalle2Error(f"seed must be a non-negative integer (or None for fresh noise), got {seed!r}")
         self.rng = generator if generator is not None else np.random.default_rng(seed)
         self.draws = 0
 
@@ -88,6 +92,9 @@ def _loop(stage: Stage, x: np.ndarray, predict, noise: NoiseStream, shared: bool
         out = predict(i, t, x)
         draw = noise.draw(x.shape, shared) if stage.schedule.adds_noise(stage.sampler, t) else None
         x, _ = stage.schedule.sample_step(stage.sampler, out, t, x, stage.schedule.previous(timesteps, i), draw)
+    if not np.isfinite(x).all():  # before anything is decoded further or saved
+        raise Dalle2Error(f"the {name} stage went non-finite (NaN or inf) at {stage.steps} steps, guidance "
+                          f"{stage.guidance:g}; nothing was saved. Lower that stage's guidance, or compute in float32")
     return x
 
 

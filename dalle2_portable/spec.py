@@ -10,11 +10,13 @@ hand-edited `model.json` is an error, not a silently ignored key.
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from .errors import Dalle2Error
+from .paths import relative_path
 
 FORMAT = 1  # model.json "format"; bump on any incompatible change of the layout below
 
@@ -542,6 +544,8 @@ class PipelineDefaults(_Config):
             kind, accepted, what = _DEFAULT_KINDS[f.name.rsplit("_", 1)[1]]
             if isinstance(value, bool) or not isinstance(value, accepted):
                 raise Dalle2Error(f"{f.name} must be {what}, got {value!r}")
+            if kind is float and not math.isfinite(value):
+                raise Dalle2Error(f"{f.name} must be a finite number, got {value!r}")
             object.__setattr__(self, f.name, kind(value))
 
     @classmethod
@@ -602,7 +606,7 @@ class Component:
         if d["type"] not in COMPONENT_TYPES:
             raise unsupported("type", d["type"], where, sorted(COMPONENT_TYPES))
         config = COMPONENT_TYPES[d["type"]].from_dict(d["config"], where)
-        return cls(d["type"], config, d["weights"])
+        return cls(d["type"], config, relative_path(d["weights"], f"{where} \"weights\""))
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ import numpy as np
 
 from . import checksums
 from .errors import Dalle2Error
+from .paths import inside
 from .spec import ModelSpec
 
 MODEL_JSON = "model.json"
@@ -191,7 +192,7 @@ def component_path(model_dir: str | os.PathLike, spec: ModelSpec, name: str) -> 
     if name not in spec.components:
         have = ", ".join(spec.components) or "none"
         raise Dalle2Error(f"model {str(model_dir)!r} has no {name} (it has: {have}); use a model that includes it")
-    return Path(model_dir) / spec.components[name].weights
+    return inside(model_dir, spec.components[name].weights, f"model.json component {name!r}")
 
 
 def validate(model_dir: str | os.PathLike, spec: ModelSpec, shapes_of, names=None) -> None:

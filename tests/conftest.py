@@ -154,6 +154,14 @@ RUNS_ON = {
     "test_default_model.py::test_default_is_the_packaged_model": ("first", "auto"),
     "test_default_model.py::test_missing_default_is_one_line": ("first", "auto"),
     "test_store.py::test_bad_checksums_are_one_line": ("torch",),
+    **{f"test_errors_model_dir.py::{t}": ("torch",) for t in (
+        "test_a_weights_path_outside_the_directory_is_refused", "test_a_weights_path_of_the_wrong_type_is_one_line",
+        "test_a_symlink_leading_out_is_refused", "test_a_tokenizer_leading_out_is_refused",
+        "test_a_symlink_inside_the_directory_is_fine")},
+    **{f"test_errors_numbers.py::{t}": ("torch",) for t in (
+        "test_a_bad_seed_is_one_line_in_the_cli", "test_non_finite_guidance_in_the_cli",
+        "test_a_stage_that_goes_non_finite_names_itself_and_saves_nothing",
+        "test_steps_beyond_the_schedule_are_one_line")},
 }
 
 # The slow tier, as "file::test[params]" patterns (fnmatch): the whole-cascade checks beyond one generate per

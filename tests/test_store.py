@@ -74,7 +74,7 @@ def test_bad_checksums_are_one_line(copy):
     assert "'tokenizer/vocab.json' must be" in _fails(copy, "64 lowercase hex digits")
     d["files"] = {"../outside": d["files"]["tokenizer/vocab.json"]}
     (copy / "model.json").write_text(json.dumps(d))
-    _fails(copy, "has path '../outside'")
+    _fails(copy, "path '../outside' leaves the model directory")
 
     (copy / "model.json").write_text(good)
     path = copy / "image_encoder.safetensors"
