@@ -14,7 +14,7 @@ from .backends import get_backend, installed as installed_backends
 from .clip import CLIP, load_clip
 from .compare import compare_backends
 from .convert import convert
-from .errors import Dalle2Error
+from .errors import Dalle2Error, Dalle2Warning
 from .pipeline import Pipeline, UnCLIPOutput, load_pipeline
 from .spec import PipelineDefaults
 from . import train  # the training subpackage, callable: d2.train(...) is train.loop.train(...)
@@ -22,4 +22,5 @@ from .train.settings import TrainSettings
 
 __version__ = "0.1.0"
 __all__ = ["load_pipeline", "Pipeline", "UnCLIPOutput", "PipelineDefaults", "compare_backends", "load_clip", "CLIP",
-           "convert", "train", "TrainSettings", "get_backend", "installed_backends", "Dalle2Error", "__version__"]
+           "convert", "train", "TrainSettings", "get_backend", "installed_backends", "Dalle2Error", "Dalle2Warning",
+           "__version__"]

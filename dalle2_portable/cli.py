@@ -6,11 +6,12 @@ Every user error is a `Dalle2Error` and is printed as one line `error: ...` with
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 
 import click
 
-from .errors import Dalle2Error
+from .errors import Dalle2Error, Dalle2Warning
 from .schedule import SAMPLERS
 from .spec import STAGES, PipelineDefaults
 
@@ -19,8 +20,19 @@ DTYPES = click.Choice(["float32", "float16", "bfloat16"])
 KARLO = PipelineDefaults()  # quoted in --help only; the model's own defaults apply
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    if issubclass(category, Dalle2Warning):
+        click.echo(f"warning: {message}", err=True)
+    else:
+        _python_show_warning(message, category, filename, lineno, file, line)
+
+
+_python_show_warning = warnings.showwarning
+
+
 class _Group(click.Group):
     def invoke(self, ctx):
+        warnings.showwarning = _show_warning  # a Dalle2Warning is one line, like an error
         try:
             return super().invoke(ctx)
         except Dalle2Error as e:

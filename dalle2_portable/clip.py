@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import numpy as np
 
 from . import store
 from .backends import Backend, get_backend
-from .errors import Dalle2Error
+from .errors import Dalle2Error, Dalle2Warning
 from .images import clip_preprocess, load_image
 from .paths import inside
 from .spec import ImageProcessorConfig, ModelSpec
@@ -127,6 +128,19 @@ class CLIP:
         eos = self.spec.components["text_encoder"].config.eos_token_id
         embeds, states = self.backend.run(module, ids, pool_positions(ids, eos))
         return TextCondition(embeds, states, mask.astype(bool))
+
+    def as_encoded(self, texts: list[str]) -> list[str]:
+        """Each text as the text encoder sees it: itself, or for one longer than the tokenizer's window the part
+        kept (the rest is cut, as transformers cuts it), with a Dalle2Warning saying so."""
+        used = []
+        for text, cut in zip(texts, self.tokenizer.truncations(texts)):
+            if cut is not None:
+                warnings.warn(Dalle2Warning(
+                    f"the prompt {text[:60] + '...' if len(text) > 60 else text!r} is longer than the tokenizer's "
+                    f"{self.tokenizer.max_length} tokens; the model sees only {cut!r} (shorten it to keep control)"),
+                    stacklevel=3)
+            used.append(text if cut is None else cut)
+        return used
 
     def encode_text(self, texts: list[str] | str, return_hidden_states: bool = False):
         """texts -> text embeddings (B, projection_dim); with return_hidden_states also (B, L, D) token states

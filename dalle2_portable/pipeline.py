@@ -125,6 +125,8 @@ class Pipeline:
             names = tuple(s for s in names if s != "super_res")
         stages = {}
         for s in names:
+            if s == "prior":
+                self._require_prior()
             if s not in self._schedules:
                 raise Dalle2Error(f"model {str(self.model_dir)!r} has no {s} scheduler in model.json; "
                                   "re-convert it with `dalle2 convert`")
@@ -177,10 +179,14 @@ class Pipeline:
         images = [to_pil(x) for x in big]
         return UnCLIPOutput(images, embeddings, small, big, captions, settings)
 
+    def _require_prior(self) -> None:
+        if "prior" not in self.spec.components:
+            raise Dalle2Error(f"model {str(self.model_dir)!r} has no prior, so it cannot turn a caption into an image "
+                              "embedding (an image-variations model): it can vary, edit and interpolate images; for "
+                              "text to image use a model with a prior (the default, or kakaobrain/karlo-v1-alpha)")
+
     def _prior(self, text: TextCondition, stage: Stage, noise: NoiseStream, shared: bool = False) -> np.ndarray:
-        if "prior" not in self.modules:
-            raise Dalle2Error(f"model {str(self.model_dir)!r} has no prior to turn captions into image embeddings; "
-                              "use an unCLIP text-to-image model (kakaobrain/karlo-v1-alpha), or `vary` an image")
+        self._require_prior()
         prior = self.modules["prior"]
         dim = self.spec.components["prior"].config.clip_embed_dim
         uncond = self._uncond(len(text)) if stage.guided else None
@@ -201,7 +207,7 @@ class Pipeline:
         noise = NoiseStream(seed, generator)
         text = self.clip.text_condition(prompts).repeat(_count(num_images, "num_images"))
         embeddings = self._prior(text, stages["prior"], noise)
-        captions = [p for p in prompts for _ in range(num_images)]
+        captions = [p for p in self.clip.as_encoded(prompts) for _ in range(num_images)]  # what the model saw
         return self._decode("generate", embeddings, text, captions, stages, noise, False, seed)
 
     def vary(self, image, num_images: int = 1, seed: int | None = 0, generator: np.random.Generator | None = None,
@@ -237,7 +243,8 @@ class Pipeline:
             noise = NoiseStream(seed, generator)
         elif kind == "text":
             stages = self._stages(STAGES, options)
-            ends = self.clip.text_condition(_prompts([start, end]))
+            start, end = self.clip.as_encoded(_prompts([start, end]))
+            ends = self.clip.text_condition([start, end])
             noise = NoiseStream(seed, generator)
             a, b = np.split(self._prior(ends, stages["prior"], noise, shared=True), 2)
             text = _interpolate_text(ends, weights)
@@ -259,7 +266,8 @@ class Pipeline:
             raise Dalle2Error(f"amount must be between 0 and 1, got {amount}")
         stages = self._stages(STAGES[1:], options)
         z = self.image_embeddings(image)
-        captions = self.clip.text_condition(_prompts([source, target])).embeds
+        source, target = self.clip.as_encoded(_prompts([source, target]))
+        captions = self.clip.text_condition([source, target]).embeds
         embeddings = np.repeat(text_diff(z, captions[0], captions[1], amount), _count(num_images, "num_images"), 0)
         noise = NoiseStream(seed, generator)
         out = self._decode("edit", embeddings, self._uncond(len(embeddings)), [""] * len(embeddings), stages,

@@ -123,6 +123,15 @@ class _Tokenizer:
     def __call__(self, texts: list[str] | str) -> np.ndarray:
         return self.encode_with_mask(texts)[0]
 
+    def _decode(self, ids: list[int]) -> str:
+        raise NotImplementedError
+
+    def truncations(self, texts: list[str]) -> list[str | None]:
+        """Per text: None when it fits the window (max_length with BOS and EOS), else the text its kept tokens
+        spell (what the encoder sees of it: encode_with_mask cuts the rest, as transformers does)."""
+        keep = self.max_length - 2
+        return [None if len(seq) <= keep else self._decode(seq[:keep]) for seq in self._encode(list(texts))]
+
 
 class CLIPBPETokenizer(_Tokenizer):
     """transformers 5 `CLIPTokenizer`, rebuilt with the `tokenizers` library from (vocab, merges)."""
@@ -159,6 +168,11 @@ class CLIPBPETokenizer(_Tokenizer):
     def _encode(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self._tk.encode_batch(texts, add_special_tokens=False)]
 
+    def _decode(self, ids: list[int]) -> str:
+        symbols = {c: b for b, c in _bytes_to_unicode().items()}
+        text = "".join(self._tk.id_to_token(i) for i in ids).replace("</w>", " ")
+        return bytes(32 if c == " " else symbols[c] for c in text).decode("utf-8", errors="replace").strip()
+
 
 class SentencePieceTokenizer(_Tokenizer):
     """bos + `sp.encode(text)` + eos, truncated keeping eos, padded with config.pad_token's id (if a piece of the
@@ -181,9 +195,12 @@ class SentencePieceTokenizer(_Tokenizer):
     def _encode(self, texts: list[str]) -> list[list[int]]:
         return self._sp.encode(texts)
 
+    def _decode(self, ids: list[int]) -> str:
+        return self._sp.decode(ids)
 
-def byte_symbols() -> list[str]:
-    """GPT-2 / CLIP's bytes_to_unicode: the 256 symbols byte-level BPE writes bytes as, in CLIP's vocab order."""
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2 / CLIP's bytes_to_unicode: byte -> the symbol byte-level BPE writes it as, in CLIP's vocab order."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     cs, n = bs[:], 0
     for b in range(256):
@@ -191,7 +208,12 @@ def byte_symbols() -> list[str]:
             bs.append(b)
             cs.append(256 + n)
             n += 1
-    return [chr(c) for c in cs]
+    return {b: chr(c) for b, c in zip(bs, cs)}
+
+
+def byte_symbols() -> list[str]:
+    """The 256 symbols byte-level BPE writes bytes as, in CLIP's vocab order."""
+    return list(_bytes_to_unicode().values())
 
 
 def train_clip_bpe(lines, vocab_size: int, directory: str | Path) -> Path:

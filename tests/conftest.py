@@ -158,6 +158,8 @@ RUNS_ON = {
         "test_a_weights_path_outside_the_directory_is_refused", "test_a_weights_path_of_the_wrong_type_is_one_line",
         "test_a_symlink_leading_out_is_refused", "test_a_tokenizer_leading_out_is_refused",
         "test_a_symlink_inside_the_directory_is_fine")},
+    "test_errors_prompts.py::test_a_long_prompt_warns_and_records_what_was_used": ("torch",),
+    "test_errors_prompts.py::test_the_cli_prints_one_warning_line_and_the_png_keeps_the_used_prompt": ("torch",),
     **{f"test_errors_numbers.py::{t}": ("torch",) for t in (
         "test_a_bad_seed_is_one_line_in_the_cli", "test_non_finite_guidance_in_the_cli",
         "test_a_stage_that_goes_non_finite_names_itself_and_saves_nothing",

@@ -209,3 +209,26 @@ def test_errors_are_one_line(tmp_path, clip_vocab):
     (bad / "tokenizer.json").write_text("[]")
     _one_line_error(load_tokenizer, bad, TokenizerConfig(), match="not a BPE tokenizer.json")
     _one_line_error(load_tokenizer, clip_vocab, TokenizerConfig(max_length=1), match="max_length")
+
+
+@pytest.mark.parametrize("pad", ["<|endoftext|>", "!"])
+def test_truncations_spell_what_transformers_keeps(hub_dirs, pad):
+    """A text over the window: the part kept is transformers' decode of its truncated ids; a text that fits: None."""
+    d = hub_dirs[pad][0]
+    ours = load_tokenizer(d, TokenizerConfig(pad_token=pad, max_length=12))
+    ref = CLIPTokenizer.from_pretrained(d)
+    texts = [LONG, "a photo of a cat", "naïve résumé " * 8, "日本語のテキスト" * 5]
+    got = ours.truncations(texts)
+    assert got[1] is None
+    for text, cut in zip(texts, got):
+        if cut is None:
+            continue
+        ids = ref(text, max_length=12, truncation=True)["input_ids"]
+        assert cut == ref.decode(ids, skip_special_tokens=True).strip(), text
+
+
+def test_sentencepiece_truncations(tmp_path):
+    sp = _train_sp(tmp_path / "sp", unk_id=0, bos_id=1, eos_id=2, pad_id=3)
+    tok = load_tokenizer(tmp_path / "sp", TokenizerConfig("sentencepiece", 8, "<pad>"))
+    long = " ".join(["theaner"] * 20)
+    assert tok.truncations(["the cat", long]) == [None, sp.decode(sp.encode(long)[:6])]
