@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 
 from .errors import Dalle2Error
 from .paths import relative_path
+from .schema import check_fields, expect_object
 
 FORMAT = 1  # model.json "format"; bump on any incompatible change of the layout below
 
@@ -31,11 +32,13 @@ class _Config:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = "model.json"):
+        expect_object(d, where)
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
             raise Dalle2Error(f"{where}: unknown key {unknown[0]!r} in a {cls.TYPE} config; "
                               f"known keys are {sorted(names)}")
+        check_fields(cls, d, where)  # types and ranges first: the checks in __post_init__ may compute with them
         kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
         return cls(**kwargs)
 
@@ -507,7 +510,8 @@ STAGES = ("prior", "decoder", "super_res")  # the cascade's sampling stages, in 
 STAGE_OPTIONS = ("steps", "guidance", "sampler")  # the options a stage may have (Stage's fields)
 # a PipelineDefaults field's type by its name's last word: (stored as, accepted, in an error)
 _DEFAULT_KINDS = {"steps": (int, numbers.Integral, "an integer"), "size": (int, numbers.Integral, "an integer"),
-                  "guidance": (float, numbers.Real, "a number"), "scale": (float, numbers.Real, "a number"),
+                  "guidance": (float, numbers.Real, "a finite number"),
+                  "scale": (float, numbers.Real, "a finite number"),
                   "sampler": (str, str, "a sampler name")}
 
 
@@ -603,7 +607,7 @@ class Component:
         missing = [k for k in ("type", "config", "weights") if k not in d]
         if missing:
             raise Dalle2Error(f"{where}: missing key {missing[0]!r}; re-convert the model with `dalle2 convert`")
-        if d["type"] not in COMPONENT_TYPES:
+        if not isinstance(d["type"], str) or d["type"] not in COMPONENT_TYPES:
             raise unsupported("type", d["type"], where, sorted(COMPONENT_TYPES))
         config = COMPONENT_TYPES[d["type"]].from_dict(d["config"], where)
         return cls(d["type"], config, relative_path(d["weights"], f"{where} \"weights\""))
@@ -637,22 +641,32 @@ class ModelSpec:
         if fmt != FORMAT:
             raise Dalle2Error(f"model.json: unknown format {fmt!r} (this version reads format {FORMAT}); "
                               "re-convert the model with `dalle2 convert` or upgrade dalle2_portable")
-        try:
-            source = Source(**d["source"])
-            components = {k: Component.from_dict(k, c) for k, c in d["components"].items()}
-        except (KeyError, TypeError) as e:
-            raise Dalle2Error(f"model.json: malformed ({e}); re-convert the model with `dalle2 convert`") from None
+        for key in ("source", "components"):
+            if key not in d:
+                raise Dalle2Error(f"model.json: missing key {key!r}; re-convert the model with `dalle2 convert`")
+        source = expect_object(d["source"], "model.json \"source\"")
+        if "repo" not in source:
+            raise Dalle2Error("model.json \"source\": missing key 'repo'; re-convert the model with `dalle2 convert`")
+        unknown = sorted(set(source) - {f.name for f in dataclasses.fields(Source)})
+        if unknown:
+            raise Dalle2Error(f"model.json \"source\": unknown key {unknown[0]!r}; re-convert the model with "
+                              "`dalle2 convert`")
+        check_fields(Source, source, "model.json \"source\"")
+        source = Source(**source)
+        components = {k: Component.from_dict(k, expect_object(c, f"model.json component {k!r}"))
+                      for k, c in expect_object(d["components"], "model.json \"components\"").items()}
         for name in components:
             if name not in COMPONENT_NAMES:
                 raise unsupported("component name", name, "model.json", COMPONENT_NAMES)
         tok = d.get("tokenizer")
         proc = d.get("image_processor")
+        schedulers = expect_object(d.get("schedulers") or {}, "model.json \"schedulers\"")
         return cls(
             source=source,
             components=components,
             tokenizer=TokenizerConfig.from_dict(tok) if tok else None,
             image_processor=ImageProcessorConfig.from_dict(proc) if proc else None,
             schedulers={k: SchedulerConfig.from_dict(s, f"model.json scheduler {k!r}")
-                        for k, s in (d.get("schedulers") or {}).items()},
+                        for k, s in schedulers.items()},
             defaults=PipelineDefaults.from_dict(d.get("defaults") or {}),
         )

@@ -158,6 +158,8 @@ RUNS_ON = {
         "test_a_weights_path_outside_the_directory_is_refused", "test_a_weights_path_of_the_wrong_type_is_one_line",
         "test_a_symlink_leading_out_is_refused", "test_a_tokenizer_leading_out_is_refused",
         "test_a_symlink_inside_the_directory_is_fine")},
+    "test_errors_model_json.py::test_generated_model_json_documents_are_loaded_or_one_line": ("torch",),
+    "test_errors_model_json.py::test_a_wrong_type_names_its_field": ("torch",),
     "test_errors_prompts.py::test_a_long_prompt_warns_and_records_what_was_used": ("torch",),
     "test_errors_prompts.py::test_the_cli_prints_one_warning_line_and_the_png_keeps_the_used_prompt": ("torch",),
     **{f"test_errors_numbers.py::{t}": ("torch",) for t in (
@@ -193,6 +195,7 @@ SLOW = (
     "test_train_bf16.py::test_bf16_losses_agree_across_backends*",
     "*::test_mlx_matches_torch[*float16*",  # and bfloat16
     "test_default_model.py::test_the_wheel_ships_the_default_model",  # two wheel builds, ~6 s
+    "test_errors_model_json.py::test_generated_model_json_documents_are_loaded_or_one_line",  # 100 documents, ~12 s
 )
 
 

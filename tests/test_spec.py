@@ -97,8 +97,8 @@ def test_model_json_defaults_load_and_round_trip(legacy):
     (dict(super_res_guidance=4.0), "unknown key 'super_res_guidance' in a defaults config"),
     (dict(prior_steps="25"), "prior_steps must be an integer, got '25'"),
     (dict(decoder_steps=True), "decoder_steps must be an integer, got True"),
-    (dict(decoder_guidance="8"), "decoder_guidance must be a number"),
-    (dict(super_res_sampler=None), "super_res_sampler must be a sampler name, got None"),
+    (dict(decoder_guidance="8"), "decoder_guidance must be a finite number, got '8'"),
+    (dict(super_res_sampler=None), "super_res_sampler must be a string, got None"),
 ])
 def test_model_json_defaults_are_strict(bad, match):
     with pytest.raises(Dalle2Error, match=match) as e:
