@@ -5,6 +5,7 @@ Every user error is a `Dalle2Error` and is printed as one line `error: ...` with
 
 from __future__ import annotations
 
+import string
 import sys
 import warnings
 from pathlib import Path
@@ -58,7 +59,9 @@ def main():
               show_default=True, help="Floating-point type of the written weights.")
 @click.option("--variant", default=None, help="Read the source's variant weight files, e.g. fp16 "
               "(*.fp16.safetensors).")
-@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (only once the new one is complete).")
+@click.option("--force", "overwrite", is_flag=True, help="Replace OUT if it exists (only once the new one is "
+              "complete). Every command that writes says --force.")
+@click.option("--overwrite", "overwrite", is_flag=True, hidden=True)  # the earlier name, still read
 def convert(source, out, revision, dtype, variant, overwrite):
     """Convert SOURCE (a Hub repo id, or a local diffusers unCLIP or transformers CLIP folder) into the model
     directory OUT."""
@@ -143,7 +146,7 @@ def verify(model, revision, record):
 # -- the generation verbs -------------------------------------------------------------------------------------
 
 def _model_options(f):
-    """--model --revision --backend --device --dtype --seed --num-images --quiet -o --force."""
+    """--model --revision --backend --device --dtype --seed --threads --quiet --force."""
     for decorator in reversed([
         click.option("--model", "-m", default="default", show_default=True,
                      help="A Hub repo id (converted once, cached), a model directory, a local diffusers folder, "
@@ -153,9 +156,12 @@ def _model_options(f):
                      help="auto = MLX on Apple Silicon, else PyTorch."),
         click.option("--device", default=None, help="e.g. cuda, cuda:1, cpu, mps, gpu (default: the best there)."),
         click.option("--dtype", type=DTYPES, default="float32", show_default=True, help="Compute dtype."),
-        click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
-                     help="Seed of the one NumPy noise stream: the same image on every backend."),
-        click.option("--quiet", "-q", is_flag=True, help="No progress bars and no list of written files."),
+        click.option("--seed", type=click.IntRange(min=0), multiple=True, default=(0,), show_default=True,
+                     help="Seed of the one NumPy noise stream: the same image on every backend. Give it several "
+                     "times for one set of images per seed."),
+        click.option("--threads", type=click.IntRange(min=1), default=None,
+                     help="CPU threads of the PyTorch backend (default: PyTorch's, all cores)."),
+        click.option("--quiet", is_flag=True, help="No progress bars and no list of written files."),
         click.option("--force", is_flag=True, help="Overwrite existing output files (otherwise they are an error, "
                      "checked before any work starts)."),
     ]):
@@ -179,38 +185,84 @@ def _stage_option(stage: str, option: str, karlo):
 
 def _stage_options(stages):
     """The options of the named stages, as PipelineDefaults has them: --{stage}-steps and --{stage}-sampler for
-    each, --{stage}-guidance for the prior and the decoder (the super-res stage has no guidance)."""
+    each, --{stage}-guidance for the prior and the decoder (the super-res stage has no guidance); and the
+    shorthands mflux and diffusers users bring: --steps (the prior's and the decoder's) and --guidance (the
+    decoder's, which shapes the picture)."""
+    tuned = [s for s in stages if s != "super_res"]
+    shorthands = [
+        click.option("--steps", "steps", type=click.IntRange(min=2), default=None,
+                     help=f"Steps of the {' and the '.join(tuned)} (a --{{stage}}-steps option wins)."),
+        click.option("--guidance", "guidance", type=float, default=None,
+                     help="The decoder's guidance scale (--decoder-guidance wins)."),
+    ]
+
     def wrap(f):
-        for decorator in reversed([_stage_option(s, k, v) for s in stages for k, v in KARLO.stage(s).items()]):
+        for decorator in reversed(shorthands + [_stage_option(s, k, v) for s in stages
+                                                for k, v in KARLO.stage(s).items()]):
             f = decorator(f)
         return f
     return wrap
 
 
 def _options(stages: dict) -> dict:
-    """The stage options the user set (the rest fall back to the model's defaults)."""
+    """The stage options the user set (the rest fall back to the model's defaults), --steps and --guidance
+    spread over the stages they stand for."""
+    stages = dict(stages)
+    steps, guidance = stages.pop("steps", None), stages.pop("guidance", None)
+    for name in STAGES[:2]:
+        if steps is not None and f"{name}_steps" in stages and stages[f"{name}_steps"] is None:
+            stages[f"{name}_steps"] = steps
+    if guidance is not None and stages.get("decoder_guidance") is None:
+        stages["decoder_guidance"] = guidance
     return {k: v for k, v in stages.items() if v is not None}
 
 
-def _outputs(output: str, n: int, force: bool, suffix: str = ".png") -> list[Path]:
-    """OUT.png for one image; OUT-0.png, OUT-1.png, ... for several. Checked before any work (the checks every
-    write makes again): an existing file is an error unless --force, and so is a missing directory."""
+def _outputs(output: str, n: int, force: bool, suffix: str = ".png", seeds=(0,)) -> dict[int, list[Path]]:
+    """{seed: its n paths}. OUT.png for one image; OUT-0.png, OUT-1.png, ... for several; with several seeds
+    OUT-s7.png (or OUT-s7-0.png, ...). A name with {seed} and/or {i} is a template instead ("cat-{seed}-{i}.png").
+    Checked before any work (the checks every write makes again): an existing file is an error unless --force,
+    and so is a missing directory or two images given one name."""
     from .images import check_output
 
     path = Path(output)
     if path.suffix.lower() != suffix:
         raise Dalle2Error(f"output {output!r} must end in {suffix}")
-    paths = [path] if n == 1 else [path.with_name(f"{path.stem}-{i}{suffix}") for i in range(n)]
-    for p in paths:
+    seeds = list(dict.fromkeys(seeds))
+    try:
+        fields = {f for _, f, _, _ in string.Formatter().parse(output) if f is not None}
+    except ValueError as e:  # a lone brace
+        raise Dalle2Error(f"output {output!r}: not a name template ({e}); write {{{{ and }}}} for braces") from None
+    if fields - {"seed", "i"}:
+        raise Dalle2Error(f"output {output!r}: a template may hold {{seed}} and {{i}} only, not "
+                          f"{{{sorted(fields - {'seed', 'i'})[0]}}}")
+    paths = {}
+    for seed in seeds:
+        if fields:
+            paths[seed] = [Path(output.format(seed=seed, i=i)) for i in range(n)]
+        else:
+            stem = path.stem if len(seeds) == 1 else f"{path.stem}-s{seed}"
+            paths[seed] = ([path.with_name(stem + suffix)] if n == 1 else
+                           [path.with_name(f"{stem}-{i}{suffix}") for i in range(n)])
+    every = [p for ps in paths.values() for p in ps]
+    if len(set(every)) < len(every):
+        raise Dalle2Error(f"output {output!r} names two images the same; add {{i}}" +
+                          (" and {seed}" if len(seeds) > 1 else "") + " to the template")
+    for p in every:
         check_output(p, force, suffix)
     return paths
 
 
-def _pipeline(model, revision, backend, device, dtype, quiet):
+def _pipeline(model, revision, backend, device, dtype, quiet, threads=None):
     from .pipeline import load_pipeline
 
-    return load_pipeline(model, backend=backend, device=device, dtype=dtype, revision=revision,
-                         progress=not quiet)
+    pipe = load_pipeline(model, backend=backend, device=device, dtype=dtype, revision=revision, progress=not quiet)
+    if threads is not None:
+        try:
+            pipe.backend.set_threads(threads)
+        except Dalle2Error:
+            raise Dalle2Error(f"--threads sets PyTorch's CPU threads; the {pipe.backend.name} backend picks its own "
+                              "(leave --threads out, or add --backend torch)") from None
+    return pipe
 
 
 def _save(out, paths, force: bool, quiet: bool, extra: dict | None = None) -> None:
@@ -224,51 +276,65 @@ def _save(out, paths, force: bool, quiet: bool, extra: dict | None = None) -> No
 
 
 @main.command()
-@click.argument("prompt")
+@click.argument("prompt", required=False)
+@click.option("--prompt", "prompt_option", default=None, help="The prompt, as mflux and diffusers name it (or give "
+              "it as the argument).")
 @click.option("--output", "-o", default="generate.png", show_default=True,
-              help="PNG path; several images are written as NAME-0.png, NAME-1.png, ...")
-@click.option("--num-images", "-n", type=click.IntRange(min=1), default=1, show_default=True)
+              help="PNG path; several images are written as NAME-0.png, NAME-1.png, ...; {seed} and {i} in it are "
+              "filled in.")
+@click.option("--num-images", "-n", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Images per seed (diffusers: num_images_per_prompt).")
 @click.option("--rerank", type=click.IntRange(min=1), default=None,
               help="Generate this many candidates and keep the --num-images best by CLIP similarity.")
 @click.option("--clip", "clip_model", default=None, help="CLIP model scoring --rerank (default: the model's own "
               "image tower; Karlo has none: use openai/clip-vit-large-patch14).")
 @_stage_options(STAGES)
 @_model_options
-def generate(prompt, output, num_images, rerank, clip_model, model, revision, backend, device, dtype, seed, quiet,
-             force, **stages):
+def generate(prompt, prompt_option, output, num_images, rerank, clip_model, model, revision, backend, device, dtype,
+             seed, threads, quiet, force, **stages):
     """Generate images from PROMPT (prior -> decoder -> super-res). PNGs carry the prompt, seed, model,
     revision, backend, steps and guidance as text metadata."""
-    paths = _outputs(output, num_images, force)
-    pipe = _pipeline(model, revision, backend, device, dtype, quiet)
-    if rerank is not None:
-        if rerank < num_images:
-            raise Dalle2Error(f"--rerank ({rerank}) must be at least --num-images ({num_images})")
-        out = pipe.rerank(prompt, candidates=rerank, keep=num_images, clip=clip_model, seed=seed, **_options(stages))
-    else:
-        out = pipe.generate(prompt, num_images=num_images, seed=seed, **_options(stages))
-    _save(out, paths, force, quiet)
+    if prompt is not None and prompt_option is not None and prompt != prompt_option:
+        raise Dalle2Error("two prompts given (the argument and --prompt); give one")
+    prompt = prompt if prompt is not None else prompt_option
+    if prompt is None:
+        raise Dalle2Error("no prompt; give one: dalle2 generate \"a red circle\" (or --prompt \"a red circle\")")
+    if rerank is not None and rerank < num_images:
+        raise Dalle2Error(f"--rerank ({rerank}) must be at least --num-images ({num_images})")
+    paths = _outputs(output, num_images, force, seeds=seed)
+    pipe = _pipeline(model, revision, backend, device, dtype, quiet, threads)
+    for s, ps in paths.items():
+        if rerank is not None:
+            out = pipe.rerank(prompt, candidates=rerank, keep=num_images, clip=clip_model, seed=s,
+                              **_options(stages))
+        else:
+            out = pipe.generate(prompt, num_images=num_images, seed=s, **_options(stages))
+        _save(out, ps, force, quiet)
 
 
 @main.command()
 @click.argument("image", type=click.Path(dir_okay=False))
 @click.option("--output", "-o", default="vary.png", show_default=True,
               help="PNG path; several images are written as NAME-0.png, NAME-1.png, ...")
-@click.option("--num-images", "-n", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--num-images", "-n", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Images per seed (diffusers: num_images_per_prompt).")
 @_stage_options(STAGES[1:])
 @_model_options
-def vary(image, output, num_images, model, revision, backend, device, dtype, seed, quiet, force, **stages):
+def vary(image, output, num_images, model, revision, backend, device, dtype, seed, threads, quiet, force, **stages):
     """Variations of IMAGE: its CLIP image embedding decoded again (needs a model with an image encoder, such as
     kakaobrain/karlo-v1-alpha-image-variations)."""
-    paths = _outputs(output, num_images, force)
-    out = _pipeline(model, revision, backend, device, dtype, quiet).vary(image, num_images=num_images, seed=seed,
-                                                                        **_options(stages))
-    _save(out, paths, force, quiet, {"source_image": str(image)})
+    paths = _outputs(output, num_images, force, seeds=seed)
+    pipe = _pipeline(model, revision, backend, device, dtype, quiet, threads)
+    for s, ps in paths.items():
+        out = pipe.vary(image, num_images=num_images, seed=s, **_options(stages))
+        _save(out, ps, force, quiet, {"source_image": str(image)})
 
 
 @main.command()
 @click.argument("start")
 @click.argument("end")
-@click.option("--frames", type=click.IntRange(min=2), default=5, show_default=True)
+@click.option("--frames", type=click.IntRange(min=2), default=5, show_default=True,
+              help="Pictures along the path, both ends included.")
 @click.option("--text", is_flag=True, help="START and END are captions (through the prior), not images.")
 @click.option("--output", "-o", default="interpolate.png", show_default=True,
               help="Frames are written as NAME-0.png ... NAME-(N-1).png, plus NAME.gif (unless --no-gif).")
@@ -276,24 +342,27 @@ def vary(image, output, num_images, model, revision, backend, device, dtype, see
 @click.option("--fps", type=click.IntRange(min=1), default=4, show_default=True, help="GIF frame rate.")
 @_stage_options(STAGES)
 @_model_options
-def interpolate(start, end, frames, text, output, gif, fps, model, revision, backend, device, dtype, seed, quiet,
-                force, **stages):
+def interpolate(start, end, frames, text, output, gif, fps, model, revision, backend, device, dtype, seed, threads,
+                quiet, force, **stages):
     """Frames along the slerp between two images' CLIP embeddings (or two captions' with --text), sharing one
     noise so they change smoothly."""
-    paths = _outputs(output, frames, force)
-    gif_path = _outputs(str(Path(output).with_suffix(".gif")), 1, force, ".gif")[0] if gif else None
-    options = _options(stages)
-    if not text and any(k.startswith("prior_") for k in options):
-        raise Dalle2Error("--prior-* options apply to --text interpolation only")
-    out = _pipeline(model, revision, backend, device, dtype, quiet).interpolate(
-        start, end, frames=frames, seed=seed, kind="text" if text else "image", **options)
-    _save(out, paths, force, quiet, {"start": start, "end": end})
-    if gif_path is not None:
-        from .images import save_gif
+    from .images import save_gif
 
-        save_gif(out.images, gif_path, fps=fps, overwrite=force)
-        if not quiet:
-            click.echo(f"wrote {gif_path}")
+    if not text and (any(stages.get(f"prior_{k}") is not None for k in ("steps", "guidance", "sampler"))):
+        raise Dalle2Error("--prior-* options apply to --text interpolation only")
+    if not text:
+        stages = {k: v for k, v in stages.items() if not k.startswith("prior_")}  # --steps: the decoder's only
+    options = _options(stages)
+    paths = _outputs(output, frames, force, seeds=seed)
+    gifs = _outputs(str(Path(output).with_suffix(".gif")), 1, force, ".gif", seed) if gif else {}
+    pipe = _pipeline(model, revision, backend, device, dtype, quiet, threads)
+    for s, ps in paths.items():
+        out = pipe.interpolate(start, end, frames=frames, seed=s, kind="text" if text else "image", **options)
+        _save(out, ps, force, quiet, {"start": start, "end": end})
+        if gif:
+            save_gif(out.images, gifs[s][0], fps=fps, overwrite=force)
+            if not quiet:
+                click.echo(f"wrote {gifs[s][0]}")
 
 
 @main.command()
@@ -304,16 +373,19 @@ def interpolate(start, end, frames, text, output, gif, fps, model, revision, bac
               help="How far to move toward --to (0 = a variation of IMAGE; 0.25-0.5 edits).")
 @click.option("--output", "-o", default="edit.png", show_default=True,
               help="PNG path; several images are written as NAME-0.png, NAME-1.png, ...")
-@click.option("--num-images", "-n", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--num-images", "-n", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Images per seed (diffusers: num_images_per_prompt).")
 @_stage_options(STAGES[1:])
 @_model_options
-def edit(image, source, target, amount, output, num_images, model, revision, backend, device, dtype, seed, quiet,
-         force, **stages):
+def edit(image, source, target, amount, output, num_images, model, revision, backend, device, dtype, seed, threads,
+         quiet, force, **stages):
     """Edit IMAGE with a DALL-E 2 text diff: its CLIP embedding moved from --from toward --to by --amount."""
-    paths = _outputs(output, num_images, force)
-    out = _pipeline(model, revision, backend, device, dtype, quiet).edit(
-        image, source=source, target=target, amount=amount, num_images=num_images, seed=seed, **_options(stages))
-    _save(out, paths, force, quiet, {"source_image": str(image)})
+    paths = _outputs(output, num_images, force, seeds=seed)
+    pipe = _pipeline(model, revision, backend, device, dtype, quiet, threads)
+    for s, ps in paths.items():
+        out = pipe.edit(image, source=source, target=target, amount=amount, num_images=num_images, seed=s,
+                        **_options(stages))
+        _save(out, ps, force, quiet, {"source_image": str(image)})
 
 
 @main.command()
@@ -322,14 +394,16 @@ def edit(image, source, target, amount, output, num_images, model, revision, bac
               help="Hub repo id, model directory, or `default` (the packaged model).")
 @click.option("--revision", default=None, help="Hub branch, tag or commit.")
 @click.option("--backends", default="torch,mlx", show_default=True, help="The two backends to compare.")
-@click.option("--dtype", type=DTYPES, default="float32", show_default=True)
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
-@click.option("--num-images", "-n", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--dtype", type=DTYPES, default="float32", show_default=True, help="Compute dtype of both.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="The one seed both backends draw the noise from.")
+@click.option("--num-images", "-n", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Images per seed (diffusers: num_images_per_prompt).")
 @click.option("--tolerance", type=float, default=2.0, show_default=True,
               help="Largest allowed image difference, in 8-bit levels; above it the exit status is 1.")
 @click.option("--output", "-o", default="compare.png", show_default=True,
               help="Side-by-side PNG of the final images (first backend left).")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.option("--force", is_flag=True, help="Overwrite --output if it exists.")
 @_stage_options(STAGES)
 def compare(prompt, model, revision, backends, dtype, seed, num_images, tolerance, output, quiet, force, **stages):
@@ -338,7 +412,7 @@ def compare(prompt, model, revision, backends, dtype, seed, num_images, toleranc
     from .compare import compare_backends
     from .images import save_png
 
-    path = _outputs(output, 1, force)[0]
+    path = _outputs(output, 1, force)[0][0]
     names = tuple(b.strip() for b in backends.split(","))
     report = compare_backends(prompt, model, names, seed=seed, num_images=num_images, dtype=dtype,
                               revision=revision, progress=not quiet, **_options(stages))
@@ -367,7 +441,7 @@ def compare(prompt, model, revision, backends, dtype, seed, num_images, toleranc
 @click.option("--revision", default=None, help="Hub branch, tag or commit (default: main).")
 @click.option("--device", default=None, help="e.g. cuda, cpu, gpu (default: the best there).")
 @click.option("--dtype", type=DTYPES, default="float32", show_default=True, help="Compute dtype.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress lines.")
+@click.option("--quiet", is_flag=True, help="No progress lines.")
 @click.option("--force", is_flag=True, help="Overwrite --json's file if it exists.")
 @_stage_options(STAGES)
 def eval_(model, backend, seeds, quick, json_out, batch_size, revision, device, dtype, quiet, force, **stages):
@@ -463,8 +537,8 @@ def _setting(name: str, *decls, **kw):
 @click.option("--stop-at", type=click.IntRange(min=1), default=None,
               help="Checkpoint and stop after this step (continue later with --resume).")
 @click.option("--backend", type=BACKENDS, default=None, help="[default: auto, or --from's]")
-@click.option("--device", default=None)
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.option("--device", default=None, help="e.g. cuda, cpu, mps, gpu (default: the best there).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
 def train(stage, recipe, data, out, model, image_clip, config, freeze, resume, stop_at, backend, device, quiet, **options):
     """Train STAGE of an unCLIP model on --data; every setting is kept in OUT/run.json, the run resumes on
     either backend, and `--from OUT/run.json` launches it again."""

@@ -13,6 +13,7 @@ text diffs) is at the end of this file.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,25 @@ from .images import to_pil
 from .sampling import NoiseStream, Progress, Stage, no_progress, sample_decoder, sample_prior, sample_super_res
 from .schedule import UnCLIPSchedule
 from .spec import STAGES, ModelSpec, PipelineDefaults
+
+# diffusers' UnCLIPPipeline argument names, accepted by every verb as the same options under our names
+DIFFUSERS_NAMES = {**{f"{s}_num_inference_steps": f"{s}_steps" for s in STAGES},
+                   **{f"{s}_guidance_scale": f"{s}_guidance" for s in ("prior", "decoder")},
+                   "num_images_per_prompt": "num_images"}
+
+
+def diffusers_names(verb):
+    """Let `verb` take diffusers' argument names (DIFFUSERS_NAMES) as well as ours; both at once is an error."""
+    @functools.wraps(verb)
+    def call(self, *args, **kwargs):
+        for theirs, ours in DIFFUSERS_NAMES.items():
+            if theirs in kwargs:
+                if kwargs.get(ours) is not None:
+                    raise Dalle2Error(f"{theirs} (diffusers' name) and {ours} are one option; give one of them")
+                kwargs[ours] = kwargs.pop(theirs)
+        return verb(self, *args, **kwargs)
+    return call
+
 
 UNCLIP_COMPONENTS = ("prior", "text_proj", "decoder", "super_res_first", "super_res_last")
 REQUIRED = ("text_encoder", "text_proj", "decoder")  # the least an unCLIP model has (variations have no prior)
@@ -193,6 +213,7 @@ class Pipeline:
         return sample_prior(self.backend, prior, stage, text, uncond, dim, noise, shared, self.progress)
 
     # -- the verbs -------------------------------------------------------------------------------------------
+    @diffusers_names
     def generate(self, prompt: str | list[str], num_images: int = 1, seed: int | None = 0,
                  generator: np.random.Generator | None = None, **options) -> UnCLIPOutput:
         """Text to image through the whole cascade: prior -> decoder -> super-res.
@@ -210,6 +231,7 @@ class Pipeline:
         captions = [p for p in self.clip.as_encoded(prompts) for _ in range(num_images)]  # what the model saw
         return self._decode("generate", embeddings, text, captions, stages, noise, False, seed)
 
+    @diffusers_names
     def vary(self, image, num_images: int = 1, seed: int | None = 0, generator: np.random.Generator | None = None,
              **options) -> UnCLIPOutput:
         """Variations of an image (or a list, or CLIP image embeddings as a NumPy array): its CLIP image
@@ -221,6 +243,7 @@ class Pipeline:
         return self._decode("vary", embeddings, self._uncond(len(embeddings)), [""] * len(embeddings), stages,
                             noise, False, seed)
 
+    @diffusers_names
     def interpolate(self, start, end, frames: int = 5, seed: int | None = 0,
                     generator: np.random.Generator | None = None, kind: str = "image", **options) -> UnCLIPOutput:
         """Frames along the slerp between two CLIP image embeddings, frame 0 = start and frame N-1 = end, all
@@ -256,6 +279,7 @@ class Pipeline:
         out.settings["kind"] = kind
         return out
 
+    @diffusers_names
     def edit(self, image, source: str, target: str, amount: float = 0.5, num_images: int = 1,
              seed: int | None = 0, generator: np.random.Generator | None = None, **options) -> UnCLIPOutput:
         """DALL-E 2 text diffs: move the image's CLIP embedding toward `target` and away from `source` (a caption
@@ -275,6 +299,7 @@ class Pipeline:
         out.settings.update(source=source, target=target, amount=amount)
         return out
 
+    @diffusers_names
     def rerank(self, prompt: str | list[str], candidates: int = 4, keep: int | None = None,
                clip: CLIP | str | None = None, seed: int | None = 0, generator: np.random.Generator | None = None,
                **options) -> UnCLIPOutput:

@@ -286,7 +286,8 @@ def atomic_directory(out_dir: str | os.PathLike, overwrite: bool = False) -> Ite
     """
     out_dir = Path(out_dir).absolute()
     if out_dir.exists() and not overwrite:
-        raise Dalle2Error(f"output {str(out_dir)!r} already exists; choose another path or pass --overwrite")
+        raise Dalle2Error(f"output {str(out_dir)!r} already exists; choose another path or pass --force "
+                          "(overwrite=True)")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.partial-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()

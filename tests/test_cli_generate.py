@@ -41,13 +41,13 @@ def test_generate_writes_pngs_with_metadata(models, tmp_path):
     r = run("generate", "a red cube", "-m", models["karlo"], "-n", "2", "-o", out, ok=False)
     assert r.exit_code == 2 and "refusing to overwrite existing file" in r.output and "--force" in r.output
     assert paths[0].read_bytes() == before
-    run("generate", "a red cube", "-m", models["karlo"], "--backend", "torch", "-n", "2", "--seed", "4", "-q",
+    run("generate", "a red cube", "-m", models["karlo"], "--backend", "torch", "-n", "2", "--seed", "4", "--quiet",
         "--force", "-o", out)
     assert paths[0].read_bytes() != before
 
 
 def test_generate_single_image_and_bad_output(models, tmp_path):
-    run("generate", "a cat", "-m", models["karlo"], "-q", "-o", tmp_path / "cat.png")
+    run("generate", "a cat", "-m", models["karlo"], "--quiet", "-o", tmp_path / "cat.png")
     assert (tmp_path / "cat.png").exists()
     for bad, message in [(tmp_path / "cat.jpg", "must end in .png"),
                          (tmp_path / "missing" / "cat.png", "does not exist; create it first")]:
@@ -67,7 +67,7 @@ def test_vary_edit_interpolate(models, tmp_path):
     src, other = tmp_path / "in.png", tmp_path / "other.png"
     for seed, path in enumerate((src, other)):
         Image.fromarray(np.random.default_rng(seed).integers(0, 256, (24, 30, 3), dtype=np.uint8)).save(path)
-    fast = ["--decoder-steps", "3", "--super-res-steps", "2", "-q"]
+    fast = ["--decoder-steps", "3", "--super-res-steps", "2", "--quiet"]
     run("vary", src, "-m", models["iv"], "-n", "2", "-o", tmp_path / "v.png", *fast)
     assert read_png_metadata(tmp_path / "v-1.png")["verb"] == "vary"
     run("edit", src, "--from", "a photo", "--to", "a painting", "--amount", "0.3", "-m", models["iv"],
@@ -109,12 +109,12 @@ def test_info_shows_the_defaults_of_the_stages_the_model_has(models):
 @pytest.mark.skipif(len(BACKENDS) < 2, reason="needs both backends")
 def test_compare_table_image_and_exit_status(models, tmp_path):
     out = tmp_path / "cmp.png"
-    r = run("compare", "a red cube", "-m", models["karlo"], "-q", "--decoder-steps", "4", "-o", out)
+    r = run("compare", "a red cube", "-m", models["karlo"], "--quiet", "--decoder-steps", "4", "-o", out)
     lines = r.output.splitlines()
     assert lines[0].split()[:2] == ["stage", "shape"]
     assert [line.split()[0] for line in lines[1:4]] == ["prior", "decoder", "super-res"]
     assert lines[-1].startswith("PASS: worst image difference")
     assert Image.open(out).size == (32, 16)  # torch | mlx
-    r = run("compare", "a red cube", "-m", models["karlo"], "-q", "--decoder-steps", "4", "--tolerance", "-1",
+    r = run("compare", "a red cube", "-m", models["karlo"], "--quiet", "--decoder-steps", "4", "--tolerance", "-1",
             "--force", "-o", out, ok=False)
     assert r.exit_code == 1 and "FAIL" in r.output

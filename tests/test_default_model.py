@@ -245,7 +245,7 @@ def _tree(dst: Path) -> Path:
 
 
 def _wheel(tree: Path, out: Path) -> Path:
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out),
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet", "-w", str(out),
                     str(tree)], check=True, capture_output=True, cwd=tree)
     return next(out.glob("dalle2_portable-*.whl"))
 

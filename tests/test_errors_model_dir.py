@@ -31,7 +31,7 @@ def _refused(model, match):
     with pytest.raises(d2.Dalle2Error, match=match) as e:
         d2.load_pipeline(model, backend="torch")
     assert "\n" not in str(e.value)
-    r = CliRunner().invoke(main, ["generate", "x", "-m", str(model), "--backend", "torch", "-q", "-o",
+    r = CliRunner().invoke(main, ["generate", "x", "-m", str(model), "--backend", "torch", "--quiet", "-o",
                                    str(model.parent / "x.png")])
     assert r.exit_code == 2 and r.output.startswith("error: ") and len(r.output.strip().splitlines()) == 1, r.output
     assert "Traceback" not in r.output and not (model.parent / "x.png").exists()

@@ -15,7 +15,7 @@ from dalle2_portable.spec import PipelineDefaults
 
 def _cli_refuses(tmp_path, *args, match):
     out = tmp_path / "x.png"
-    r = CliRunner().invoke(main, [str(a) for a in args] + ["--backend", "torch", "-q", "-o", str(out)],
+    r = CliRunner().invoke(main, [str(a) for a in args] + ["--backend", "torch", "--quiet", "-o", str(out)],
                             prog_name="dalle2")
     assert r.exit_code == 2 and r.output.startswith("error: ") and len(r.output.strip().splitlines()) == 1, r.output
     assert match in r.output and "Traceback" not in r.output

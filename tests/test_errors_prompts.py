@@ -30,7 +30,7 @@ def test_a_long_prompt_warns_and_records_what_was_used():
 
 def test_the_cli_prints_one_warning_line_and_the_png_keeps_the_used_prompt(tmp_path):
     out = tmp_path / "long.png"
-    r = CliRunner().invoke(main, ["generate", LONG, "--backend", "torch", "-q", "--decoder-steps", "3", "-o",
+    r = CliRunner().invoke(main, ["generate", LONG, "--backend", "torch", "--quiet", "--decoder-steps", "3", "-o",
                                   str(out)])
     assert r.exit_code == 0, r.output
     lines = r.stderr.strip().splitlines()

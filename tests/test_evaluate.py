@@ -203,7 +203,7 @@ def test_evaluate_scores_a_perfect_painter(models, backend, monkeypatch):
 @pytest.mark.parametrize("backend", ON_AUTO)
 def test_cli_eval(models, backend, tmp_path):
     out = tmp_path / "eval.json"
-    args = ["eval", str(models["karlo"]), "--quick", "--backend", backend, "-q", "--json", str(out)]
+    args = ["eval", str(models["karlo"]), "--quick", "--backend", backend, "--quiet", "--json", str(out)]
     args += [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 0, r.output

@@ -107,7 +107,7 @@ def test_cli_trains_from_an_image_folder_and_reports_bad_records_in_one_line(mod
     (pics / "metadata.jsonl").write_text('{"file_name": "0.png", "text": "red"}\n{"file_name": "gone.png", '
                                          '"text": "x"}\n{"file_name": "1.png", "text": "blue"}\n')
     args = [sys.executable, "-m", "dalle2_portable.cli", "train", "decoder", "--out", str(tmp_path / "run"), "-m",
-            str(models["iv"]), "--steps", "3", "--batch-size", "2", "--backend", BACKENDS[0], "-q"]
+            str(models["iv"]), "--steps", "3", "--batch-size", "2", "--backend", BACKENDS[0], "--quiet"]
     r = subprocess.run(args + ["--data", str(pics)], capture_output=True, text=True, env=os.environ, timeout=300)
     assert r.returncode == 0, r.stderr
     warnings = [line for line in r.stderr.splitlines() if "metadata.jsonl" in line]

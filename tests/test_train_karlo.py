@@ -47,7 +47,7 @@ def test_fine_tuning_karlo_on_ten_pictures(models, folder, tmp_path):
 
 def test_karlo_without_clip_says_to_pass_one(models, folder, tmp_path):
     result = CliRunner().invoke(main, ["train", "prior", "--data", str(folder), "--out", str(tmp_path / "r"), "-m",
-                                       str(models["karlo"]), "--steps", "2", "--backend", BACKENDS[0], "-q"])
+                                       str(models["karlo"]), "--steps", "2", "--backend", BACKENDS[0], "--quiet"])
     assert result.exit_code == 2 and "pass --clip with the CLIP it was trained with" in result.output
     with pytest.raises(Dalle2Error, match="has no image_encoder; use a model that includes it"):
         d2.train("prior", folder, tmp_path / "s", models["karlo"], clip=models["karlo"], backend=BACKENDS[0],

@@ -55,7 +55,7 @@ def test_prior_loss_falls_and_the_result_generates(models, tmp_path, backend):
 def _cli(run: Path, base: Path, backend: str, *extra: str) -> list[str]:
     return [sys.executable, "-m", "dalle2_portable.cli", "train", "prior", "--data", "shapes", "--out", str(run),
             "-m", str(base), "--config", "tiny", "--steps", "300", "--checkpoint-every", "50", "--data-size", "48",
-            "--batch-size", "16", "--lr", "1e-3", "--warmup", "10", "--backend", backend, "-q", *extra]
+            "--batch-size", "16", "--lr", "1e-3", "--warmup", "10", "--backend", backend, "--quiet", *extra]
 
 
 def test_sigkill_then_resume_is_bit_identical(models, tmp_path):

@@ -27,7 +27,7 @@ def _cli(*args):
 
 def _train(base, out, *extra):
     return _cli("train", "prior", "--data", "shapes", "--out", out, "-m", base, "--config", "tiny", "--steps", 4,
-                "--data-size", 16, "--batch-size", 4, "--checkpoint-every", 2, "--backend", BACKENDS[0], "-q", *extra)
+                "--data-size", 16, "--batch-size", 4, "--checkpoint-every", 2, "--backend", BACKENDS[0], "--quiet", *extra)
 
 
 def test_from_run_json_reruns_the_run_bit_for_bit(models, tmp_path):
@@ -35,12 +35,12 @@ def test_from_run_json_reruns_the_run_bit_for_bit(models, tmp_path):
     assert first.exit_code == 0, first.output
     record = json.loads((tmp_path / "a" / "run.json").read_text())
     assert record["settings"]["lr"] == 2e-3 and record["settings"]["accumulate"] == 2
-    again = _cli("train", "--from", tmp_path / "a" / "run.json", "--out", tmp_path / "b", "-q")
+    again = _cli("train", "--from", tmp_path / "a" / "run.json", "--out", tmp_path / "b", "--quiet")
     assert again.exit_code == 0, again.output
     a, b = (load_file(str(tmp_path / r / "checkpoint" / "weights.safetensors")) for r in ("a", "b"))
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
     # an option given overrides the file's
-    third = _cli("train", "--from", tmp_path / "a" / "run.json", "--out", tmp_path / "c", "--steps", 2, "-q")
+    third = _cli("train", "--from", tmp_path / "a" / "run.json", "--out", tmp_path / "c", "--steps", 2, "--quiet")
     assert third.exit_code == 0, third.output
     assert json.loads((tmp_path / "c" / "run.json").read_text())["settings"]["steps"] == 2
 
@@ -55,7 +55,7 @@ def test_bad_launch_files_are_one_line_and_write_nothing(models, tmp_path):
     for name, (doc, message) in cases.items():
         path = tmp_path / f"{name}.json"
         path.write_text(json.dumps(doc))
-        result = _cli("train", "--from", path, "--out", tmp_path / name, "-q")
+        result = _cli("train", "--from", path, "--out", tmp_path / name, "--quiet")
         assert result.exit_code == 2 and message in result.output, (name, result.output)
         assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / name).exists()
     result = _cli("train", "--out", tmp_path / "x", "--data", "shapes")

@@ -166,6 +166,11 @@ class Backend(ABC):
     def from_numpy(self, module, tensors: dict[str, np.ndarray]) -> dict:
         """The reverse of `to_numpy`: canonical NumPy -> arrays in this backend's layout and compute dtype."""
 
+    def set_threads(self, n: int) -> None:
+        """Use n CPU threads (PyTorch's intra-op pool); a backend that picks its own says so in one line."""
+        raise Dalle2Error(f"the {self.name} backend picks its own CPU threads; leave the thread count out (or use "
+                          "the torch backend)")
+
     @abstractmethod
     def sync(self, arrays) -> None:
         """Make sure arrays computed outside a step are computed (MLX is lazy; torch is not)."""

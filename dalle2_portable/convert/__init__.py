@@ -113,7 +113,8 @@ def convert(source: str | os.PathLike, out_dir: str | os.PathLike, revision: str
     """
     # Fail before downloading anything.
     if Path(out_dir).exists() and not overwrite:
-        raise Dalle2Error(f"output {str(out_dir)!r} already exists; choose another path or pass --overwrite")
+        raise Dalle2Error(f"output {str(out_dir)!r} already exists; choose another path or pass --force "
+                          "(overwrite=True)")
     if dtype not in DTYPES:
         raise Dalle2Error(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     probed = probe(source, revision)

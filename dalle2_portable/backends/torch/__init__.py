@@ -102,6 +102,9 @@ class TorchBackend(Backend):
         return {k: torch.from_numpy(np.require(v, requirements="C")).to(self.device, self.torch_dtype)
                 for k, v in tensors.items()}
 
+    def set_threads(self, n: int) -> None:
+        torch.set_num_threads(n)
+
     def sync(self, arrays) -> None:
         pass  # torch runs eagerly
 
