@@ -155,9 +155,9 @@ def resolve_model(model: str | os.PathLike, revision: str | None = None, variant
             raise Dalle2Error("the default model has no revisions or variants; drop --revision / --variant")
         return default_model()
     path = Path(model).expanduser()
-    if (path / store.MODEL_JSON).is_file():
+    if (path / store.MODEL_JSON).is_file() and revision is None:
         return path
-    probed = probe(model, revision)
+    probed = probe(model, revision)  # a local folder with a revision: one line, not ignored
     snap = probed.snap
     if probed.layout == MODEL_DIR:  # a model directory on the Hub: the files its model.json names, at the commit
         if snap.is_local:

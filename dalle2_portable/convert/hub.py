@@ -50,6 +50,9 @@ def snapshot(source: str | os.PathLike, revision: str | None = None,
     `allow_patterns`) into the Hub cache, or found there when offline; its revision is resolved to a commit."""
     path = Path(source).expanduser()
     if path.is_dir():
+        if revision is not None:  # not silently ignored: the user meant some version, and would not get it
+            raise Dalle2Error(f"{str(source)!r} is a local folder, read as it is; a revision ({revision!r}) applies to "
+                              "Hub repo ids only: leave it out (--revision in the CLI)")
         return Snapshot(path.absolute(), str(path.absolute()), None, True)
     if path.exists():
         raise Dalle2Error(f"{str(source)!r} is a file; give a model folder or a Hub repo id like 'org/name'")
