@@ -5,6 +5,8 @@ Every user error is a `Dalle2Error` and is printed as one line `error: ...` with
 
 from __future__ import annotations
 
+import logging
+import signal
 import string
 import sys
 import warnings
@@ -31,11 +33,30 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
 _python_show_warning = warnings.showwarning
 
 
+class _Signal(BaseException):
+    """SIGTERM or SIGHUP, raised where the process is, so that every `finally` runs (temporary files go)."""
+
+
+def _on_signal(signum, frame):
+    raise _Signal(signum)
+
+
 class _Group(click.Group):
     def invoke(self, ctx):
         warnings.showwarning = _show_warning  # a Dalle2Warning is one line, like an error
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, _on_signal)
+        if not logging.getLogger("dalle2_portable").handlers:  # what the library does on the user's behalf
+            handler = logging.StreamHandler(sys.stderr)
+            handler.setFormatter(logging.Formatter("%(message)s"))
+            logging.getLogger("dalle2_portable").addHandler(handler)
+            logging.getLogger("dalle2_portable").setLevel(logging.INFO)
         try:
             return super().invoke(ctx)
+        except (KeyboardInterrupt, _Signal) as e:
+            signum = e.args[0] if isinstance(e, _Signal) else signal.SIGINT
+            click.echo(f"error: interrupted ({signal.Signals(signum).name}); nothing half-written was left", err=True)
+            sys.exit(128 + signum)
         except Dalle2Error as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(2)
@@ -72,6 +93,40 @@ def convert(source, out, revision, dtype, variant, overwrite):
     counts = count_parameters(out, spec)
     parts = ", ".join(f"{name} {n:,}" for name, (n, _) in counts.items())
     click.echo(f"wrote {out}: {parts} parameters ({dtype})")
+
+
+@main.group()
+def cache():
+    """The conversion cache (DALLE2_CACHE, default ~/.cache/dalle2_portable): Hub ids and local folders are
+    converted into it once."""
+
+
+@cache.command("list")
+def cache_list():
+    """Each converted model (size, age, source, path) and each leftover of an interrupted conversion."""
+    from .cache import entries
+    from .convert import cache_dir
+
+    found = entries()
+    for e in found:
+        click.echo(f"{e.size / 1e6:>10,.1f} MB  {e.age_days:6.1f} days  {e.source}  {e.path}")
+    total = sum(e.size for e in found) / 1e6
+    click.echo(f"{len(found)} entries, {total:,.1f} MB in {cache_dir()}")
+
+
+@cache.command("clear")
+@click.argument("names", nargs=-1)
+@click.option("--all", "everything", is_flag=True, help="Remove every entry.")
+def cache_clear(names, everything):
+    """Remove NAMES (paths or sources as `dalle2 cache list` shows them), or everything with --all. A model
+    removed is converted again the next time it is loaded."""
+    from .cache import entries, remove, select
+
+    if not names and not everything:
+        raise Dalle2Error("say what to remove: entries as `dalle2 cache list` shows them, or --all")
+    chosen = entries() if everything else select(list(names))
+    freed = remove(chosen)
+    click.echo(f"removed {len(chosen)} entries, {freed / 1e6:,.1f} MB")
 
 
 @main.command()

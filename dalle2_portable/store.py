@@ -23,6 +23,7 @@ import json
 import os
 import shutil
 import uuid
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -30,7 +31,7 @@ from typing import Iterator
 import numpy as np
 
 from . import checksums
-from .errors import Dalle2Error
+from .errors import Dalle2Error, Dalle2Warning
 from .paths import inside
 from .spec import ModelSpec
 
@@ -277,6 +278,47 @@ def count_parameters(model_dir: str | os.PathLike, spec: ModelSpec) -> dict[str,
 # ---------------------------------------------------------------------------------------------------- writing
 
 
+def leftovers(out_dir: str | os.PathLike) -> list[Path]:
+    """The temporary siblings of `out_dir` that interrupted writes left (a process killed with SIGKILL, or a
+    machine that lost power, cleans nothing up): `.NAME.partial-PID-*` / `.NAME.old-PID-*` of a process that is
+    gone. Those of a live process are its work in progress and are not listed."""
+    out_dir = Path(out_dir).absolute()
+    found = []
+    for p in out_dir.parent.glob(f".{out_dir.name}.*-*"):
+        kind, _, rest = p.name[len(out_dir.name) + 2:].partition("-")
+        pid = rest.split("-")[0]
+        if kind in ("partial", "old") and p.is_dir() and not (pid.isdigit() and _alive(int(pid))):
+            found.append(p)
+    return sorted(found)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def sweep_leftovers(out_dir: str | os.PathLike) -> int:
+    """Delete `leftovers(out_dir)`, saying so (a Dalle2Warning: one line); returns the bytes freed."""
+    found = leftovers(out_dir)
+    if not found:
+        return 0
+    freed = sum(directory_size(p) for p in found)
+    for p in found:
+        shutil.rmtree(p, ignore_errors=True)
+    warnings.warn(Dalle2Warning(f"removed {len(found)} folder(s) an interrupted write of {str(out_dir)!r} left "
+                                f"behind ({freed / 1e6:,.1f} MB)"), stacklevel=3)
+    return freed
+
+
+def directory_size(path: str | os.PathLike) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file() and not f.is_symlink())
+
+
 @contextlib.contextmanager
 def atomic_directory(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a fresh temporary sibling of `out_dir`; on success rename it into place, on any error delete it.
@@ -289,12 +331,13 @@ def atomic_directory(out_dir: str | os.PathLike, overwrite: bool = False) -> Ite
         raise Dalle2Error(f"output {str(out_dir)!r} already exists; choose another path or pass --force "
                           "(overwrite=True)")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.partial-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    sweep_leftovers(out_dir)
+    tmp = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:  # made inside the try: a signal right after it is made still removes it
+        tmp.mkdir()
         yield tmp
         if out_dir.exists():
-            old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
+            old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
             os.replace(out_dir, old)
             os.replace(tmp, out_dir)
             shutil.rmtree(old, ignore_errors=True)

@@ -200,6 +200,9 @@ SLOW = (
     "*::test_mlx_matches_torch[*float16*",  # and bfloat16
     "test_default_model.py::test_the_wheel_ships_the_default_model",  # two wheel builds, ~6 s
     "test_errors_model_json.py::test_generated_model_json_documents_are_loaded_or_one_line",  # 100 documents, ~12 s
+    "test_errors_interrupts.py::test_a_caught_signal_leaves_nothing[[]SIGHUP]",  # subprocesses, ~4 s each; SIGTERM
+    "test_errors_interrupts.py::test_a_caught_signal_leaves_nothing[[]SIGINT]",  # and SIGKILL stay fast
+    "test_errors_interrupts.py::test_cache_list_shows_and_clear_removes_leftovers",
 )
 
 

@@ -14,6 +14,7 @@ reading helpers through `files.py` and `weights.py`, never each other.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,9 @@ LAYOUTS = tuple(_LAYOUTS)
 DTYPES = tuple(store.OUT_DTYPES)
 MODEL_DIR = "dalle2_portable"  # the layout of a model directory: used as it is, never converted
 _PROBE = ["config.json", "model_index.json", store.MODEL_JSON]
+
+
+log = logging.getLogger("dalle2_portable")  # what converting into the cache does; the CLI prints it
 
 
 def cache_dir() -> Path:
@@ -171,7 +175,11 @@ def resolve_model(model: str | os.PathLike, revision: str | None = None, variant
     else:
         target = cache_dir() / "hub" / snap.repo.replace("/", "--") / f"{snap.revision}{suffix}"
     if not (target / store.MODEL_JSON).is_file():  # else converted before: the source's weights are not fetched
+        what = snap.repo if not snap.is_local else str(snap.path)
+        log.info(f"converting {what} into the cache, once: {target} (`dalle2 cache list` shows the cache, "
+                 "`dalle2 cache clear` empties it)")
         _convert_into(probed, target, "float32", overwrite=True, variant=variant)
+        log.info(f"converted: {store.directory_size(target) / 1e6:,.1f} MB in {target}")
     return target
 
 
