@@ -321,10 +321,11 @@ def _pipeline(model, revision, backend, device, dtype, quiet, threads=None):
 
 
 def _save(out, paths, force: bool, quiet: bool, extra: dict | None = None) -> None:
-    from .images import save_png
+    from .images import save_pngs
 
+    save_pngs(out.images[:len(paths)], paths, [{**out.metadata(i), **(extra or {})} for i in range(len(paths))],
+              overwrite=force)  # all or none
     for i, path in enumerate(paths):
-        save_png(out.images[i], path, {**out.metadata(i), **(extra or {})}, overwrite=force)
         if not quiet:
             score = "" if out.scores is None else f"  (CLIP score {out.scores[i]:.4f})"
             click.echo(f"wrote {path}{score}")

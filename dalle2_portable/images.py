@@ -310,16 +310,26 @@ def save_png(image: Image.Image, path: str | os.PathLike, metadata: dict[str, st
     error. An existing file is never replaced unless `overwrite=True` (without overwrite the final step is a hard
     link, which fails if the name has appeared meanwhile; filesystems without hard links fall back to a check).
     """
-    if not isinstance(image, Image.Image):
-        raise TypeError(f"save_png: expected a PIL image, got {type(image).__name__} (use to_pil for arrays)")
-    shown = str(path)
-    info = PngImagePlugin.PngInfo()
-    for key, value in (metadata or {}).items():
-        if not isinstance(key, str) or not 1 <= len(key) <= 79 or not _latin1(key):
-            raise Dalle2Error(f"cannot write {shown!r}: PNG metadata key {key!r} must be 1 to 79 Latin-1 "
-                              "characters")
-        info.add_text(key, str(value))  # non-Latin-1 values become iTXt (UTF-8)
-    return write_atomic(path, lambda f: image.save(f, format="PNG", pnginfo=info), overwrite, ".png")
+    return save_pngs([image], [path], [metadata], overwrite)[0]
+
+
+def save_pngs(images, paths, metadata=None, overwrite: bool = False) -> list[Path]:
+    """`save_png` for a set of images at once: all are written before any is moved into place, so a disk that
+    fills, or an error, mid-set leaves none of them (no partial set the next run would refuse to overwrite)."""
+    metadata = list(metadata) if metadata is not None else [None] * len(images)
+    writes = []
+    for image, path, meta in zip(images, paths, metadata):
+        if not isinstance(image, Image.Image):
+            raise TypeError(f"save_png: expected a PIL image, got {type(image).__name__} (use to_pil for arrays)")
+        shown = str(path)
+        info = PngImagePlugin.PngInfo()
+        for key, value in (meta or {}).items():
+            if not isinstance(key, str) or not 1 <= len(key) <= 79 or not _latin1(key):
+                raise Dalle2Error(f"cannot write {shown!r}: PNG metadata key {key!r} must be 1 to 79 Latin-1 "
+                                  "characters")
+            info.add_text(key, str(value))  # non-Latin-1 values become iTXt (UTF-8)
+        writes.append((path, lambda f, image=image, info=info: image.save(f, format="PNG", pnginfo=info)))
+    return write_atomic_all(writes, overwrite, ".png")
 
 
 def save_gif(frames: Sequence[Image.Image], path: str | os.PathLike, fps: int = 4, overwrite: bool = False) -> Path:
@@ -352,32 +362,46 @@ def check_output(path: str | os.PathLike, overwrite: bool = False, suffix: str =
 def write_atomic(path: str | os.PathLike, write, overwrite: bool, suffix: str) -> Path:
     """write(file) into a hidden temporary file beside `path`, fsync it, then move it into place (no clobbering
     unless overwrite); nothing is left behind on error."""
-    path = check_output(path, overwrite, suffix)
-    shown, directory = str(path), path.parent
-    tmp = _create_temp(directory, path.name, shown)
+    return write_atomic_all([(path, write)], overwrite, suffix)[0]
+
+
+def write_atomic_all(items, overwrite: bool, suffix: str) -> list[Path]:
+    """[(path, write)]: every file written whole to a hidden temporary beside its path first, then all moved into
+    place, so a failure while writing (a full disk, a signal) leaves none of them, and no temporary file."""
+    paths = [check_output(p, overwrite, suffix) for p, _ in items]
+    temps: list[str] = []
+    shown = str(paths[0]) if paths else ""
     try:
         try:
-            with os.fdopen(tmp[1], "wb") as f:
-                write(f)
-                f.flush()
-                os.fsync(f.fileno())
-            if overwrite:
-                os.replace(tmp[0], path)
-            else:
-                _move_no_clobber(tmp[0], path, shown)
+            for path, (_, write) in zip(paths, items):
+                shown = str(path)
+                name, fd = _create_temp(path.parent, path.name, shown)
+                temps.append(name)
+                with os.fdopen(fd, "wb") as f:
+                    write(f)
+                    f.flush()
+                    os.fsync(f.fileno())
+            for tmp, path in zip(temps, paths):  # renames: no space needed, so all of them go through
+                shown = str(path)
+                if overwrite:
+                    os.replace(tmp, path)
+                else:
+                    _move_no_clobber(tmp, path, shown)
         except Dalle2Error:
             raise
         except OSError as e:
             if e.errno is None:  # not the filesystem: Pillow's own "cannot write mode F as PNG" is a bug upstream
                 raise
             raise Dalle2Error(f"cannot write {shown!r}: {e.strerror or e}; check the directory's permissions "
-                              "and free space") from None
+                              "and free space" + (" (none of the files was written)" if len(paths) > 1 else "")) \
+                from None
     finally:
-        try:
-            os.unlink(tmp[0])
-        except FileNotFoundError:
-            pass
-    return path
+        for tmp in temps:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+    return paths
 
 
 def _latin1(s: str) -> bool:
