@@ -10,6 +10,8 @@
 Neither MLX nor PyTorch is imported here: a backend is imported when it is first used.
 """
 
+__version__ = "0.1.0"  # first: the pipeline records it in every output's settings
+
 from .backends import get_backend, installed as installed_backends
 from .clip import CLIP, load_clip
 from .compare import compare_backends
@@ -20,7 +22,6 @@ from .spec import PipelineDefaults
 from . import train  # the training subpackage, callable: d2.train(...) is train.loop.train(...)
 from .train.settings import TrainSettings
 
-__version__ = "0.1.0"
 __all__ = ["load_pipeline", "Pipeline", "UnCLIPOutput", "PipelineDefaults", "compare_backends", "load_clip", "CLIP",
            "convert", "train", "TrainSettings", "get_backend", "installed_backends", "Dalle2Error", "Dalle2Warning",
            "__version__"]

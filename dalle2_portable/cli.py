@@ -331,8 +331,61 @@ def _save(out, paths, force: bool, quiet: bool, extra: dict | None = None) -> No
             click.echo(f"wrote {path}{score}")
 
 
+def _from_metadata(png: str) -> dict:
+    """What regenerates the one image a `generate` PNG holds, read from its metadata: the call (model directory
+    or id, backend, device, dtype, prompt, seed, batch, stage settings) and the image's place in the batch."""
+    import dalle2_portable
+
+    from .images import read_png_metadata
+
+    meta = read_png_metadata(png)
+    verb = meta.get("verb")
+    if verb not in ("generate", "rerank"):
+        raise Dalle2Error(f"{png!r} was not made by `dalle2 generate` (its metadata says verb {verb!r}); "
+                          "--config-from-metadata regenerates generate's pictures")
+    missing = [k for k in ("prompt", "seed", "num_images", "batch_size", "index", "backend", "dtype") if k not in meta]
+    if missing:
+        raise Dalle2Error(f"{png!r} lacks {missing[0]!r} in its metadata (made by an earlier version?); it cannot "
+                          "be regenerated from it alone")
+    if meta["batch_size"] != meta["num_images"]:
+        raise Dalle2Error(f"{png!r} came from a call with several prompts; regenerate it from Python with the "
+                          "same prompt list")
+    model_dir = meta.get("model_dir")
+    if model_dir and Path(model_dir).is_dir():
+        model = "default" if Path(model_dir) == store_default() else model_dir
+    elif meta.get("model") and "/" in meta["model"] and not Path(meta["model"]).is_absolute():
+        model = meta["model"]  # a Hub id: converted again if the cache was cleared
+    else:
+        raise Dalle2Error(f"the model {png!r} was made with ({model_dir or meta.get('model')!r}) is gone; give "
+                          "that model back, or regenerate with -m")
+    if meta.get("version") != dalle2_portable.__version__:
+        warnings.warn(Dalle2Warning(f"{png!r} was made by dalle2_portable {meta.get('version', '(unknown)')}, "
+                                    f"this is {dalle2_portable.__version__}: the picture may differ"))
+    options = {}
+    for stage in STAGES:
+        for option in PipelineDefaults.options(stage):
+            key = f"{stage}_{option}"
+            if key in meta:
+                kind = {"steps": int, "guidance": float, "sampler": str}[option]
+                options[key] = kind(meta[key])
+    index = int(meta["candidate"] if verb == "rerank" else meta["index"])
+    return {"model": model, "revision": meta.get("revision") if model == meta.get("model") else None,
+            "backend": meta["backend"], "device": meta.get("device"), "dtype": meta["dtype"],
+            "prompt": meta["prompt"], "seed": int(meta["seed"]), "num_images": int(meta["num_images"]),
+            "index": index, "options": options}
+
+
+def store_default() -> Path:
+    from .store import DEFAULT_MODEL_DIR
+
+    return Path(DEFAULT_MODEL_DIR).absolute()
+
+
 @main.command()
 @click.argument("prompt", required=False)
+@click.option("--config-from-metadata", "from_png", type=click.Path(dir_okay=False), default=None,
+              help="Regenerate the picture a PNG of `dalle2 generate` holds, exactly, from its metadata (model, "
+              "backend, prompt, seed, batch, steps, guidance, samplers); other generation options are refused.")
 @click.option("--prompt", "prompt_option", default=None, help="The prompt, as mflux and diffusers name it (or give "
               "it as the argument).")
 @click.option("--output", "-o", default="generate.png", show_default=True,
@@ -346,10 +399,25 @@ def _save(out, paths, force: bool, quiet: bool, extra: dict | None = None) -> No
               "image tower; Karlo has none: use openai/clip-vit-large-patch14).")
 @_stage_options(STAGES)
 @_model_options
-def generate(prompt, prompt_option, output, num_images, rerank, clip_model, model, revision, backend, device, dtype,
-             seed, threads, quiet, force, **stages):
+def generate(prompt, from_png, prompt_option, output, num_images, rerank, clip_model, model, revision, backend,
+             device, dtype, seed, threads, quiet, force, **stages):
     """Generate images from PROMPT (prior -> decoder -> super-res). PNGs carry the prompt, seed, model,
     revision, backend, steps and guidance as text metadata."""
+    if from_png is not None:
+        ctx = click.get_current_context()
+        given = [p.opts[0] for p in ctx.command.params if p.name not in ("from_png", "output", "force", "quiet",
+                                                                        "threads")
+                 and ctx.get_parameter_source(p.name) != click.core.ParameterSource.DEFAULT]
+        if given:
+            raise Dalle2Error(f"--config-from-metadata takes every setting from the PNG; leave out {given[0]}")
+        call = _from_metadata(from_png)
+        path = _outputs(output, 1, force)[0][0]
+        pipe = _pipeline(call["model"], call["revision"], call["backend"], call["device"], call["dtype"], quiet,
+                         threads)
+        out = pipe.generate(call["prompt"], num_images=call["num_images"], seed=call["seed"], **call["options"])
+        _save(out.reorder([call["index"]]), [path], force, quiet,
+              {"index": str(call["index"]), "regenerated_from": str(from_png)})  # itself regenerable
+        return
     if prompt is not None and prompt_option is not None and prompt != prompt_option:
         raise Dalle2Error("two prompts given (the argument and --prompt); give one")
     prompt = prompt if prompt is not None else prompt_option

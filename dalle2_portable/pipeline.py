@@ -24,6 +24,7 @@ from PIL import Image
 from . import store
 from .backends import Backend, get_backend
 from .clip import CLIP, TextCondition, load_clip
+from . import __version__
 from .errors import Dalle2Error
 from .images import to_pil
 from .sampling import NoiseStream, Progress, Stage, no_progress, sample_decoder, sample_prior, sample_super_res
@@ -76,7 +77,9 @@ class UnCLIPOutput:
         """PNG text metadata for image i: the caption its decoder saw ("prompt"), the call's settings (seed,
         model, revision, backend, steps, guidance, samplers), and its rerank score if any."""
         meta = {"prompt": self.captions[i], "index": str(i)}
-        meta.update({k: str(v) for k, v in self.settings.items() if v is not None})
+        meta.update({k: str(v) for k, v in self.settings.items() if v is not None and k != "candidate_indices"})
+        if "candidate_indices" in self.settings:  # rerank: which of the generated candidates this image is
+            meta["candidate"] = str(self.settings["candidate_indices"][i])
         if self.scores is not None:
             meta["clip_score"] = f"{float(self.scores[i]):.6f}"
         return meta
@@ -192,8 +195,9 @@ class Pipeline:
             big = sample_super_res(self.backend, self.modules["super_res_first"], last, stages["super_res"],
                                    small, big_size, noise, shared, self.progress)
         settings = {"verb": verb, "seed": seed, "model": self.spec.source.repo or str(self.model_dir),
-                    "revision": self.spec.source.revision, "backend": self.backend.name,
-                    "device": self.backend.device, "dtype": self.backend.dtype}
+                    "revision": self.spec.source.revision, "model_dir": str(Path(self.model_dir).absolute()),
+                    "version": __version__, "backend": self.backend.name, "device": self.backend.device,
+                    "dtype": self.backend.dtype, "batch_size": len(embeddings)}
         for name, st in stages.items():
             settings.update({f"{name}_{k}": getattr(st, k) for k in PipelineDefaults.options(name)})
         images = [to_pil(x) for x in big]
@@ -229,7 +233,9 @@ class Pipeline:
         text = self.clip.text_condition(prompts).repeat(_count(num_images, "num_images"))
         embeddings = self._prior(text, stages["prior"], noise)
         captions = [p for p in self.clip.as_encoded(prompts) for _ in range(num_images)]  # what the model saw
-        return self._decode("generate", embeddings, text, captions, stages, noise, False, seed)
+        out = self._decode("generate", embeddings, text, captions, stages, noise, False, seed)
+        out.settings["num_images"] = num_images
+        return out
 
     @diffusers_names
     def vary(self, image, num_images: int = 1, seed: int | None = 0, generator: np.random.Generator | None = None,
@@ -240,8 +246,10 @@ class Pipeline:
         stages = self._stages(STAGES[1:], options)
         embeddings = np.repeat(self.image_embeddings(image), _count(num_images, "num_images"), axis=0)
         noise = NoiseStream(seed, generator)
-        return self._decode("vary", embeddings, self._uncond(len(embeddings)), [""] * len(embeddings), stages,
-                            noise, False, seed)
+        out = self._decode("vary", embeddings, self._uncond(len(embeddings)), [""] * len(embeddings), stages,
+                           noise, False, seed)
+        out.settings["num_images"] = num_images
+        return out
 
     @diffusers_names
     def interpolate(self, start, end, frames: int = 5, seed: int | None = 0,
@@ -296,7 +304,7 @@ class Pipeline:
         noise = NoiseStream(seed, generator)
         out = self._decode("edit", embeddings, self._uncond(len(embeddings)), [""] * len(embeddings), stages,
                            noise, False, seed)
-        out.settings.update(source=source, target=target, amount=amount)
+        out.settings.update(source=source, target=target, amount=amount, num_images=num_images)
         return out
 
     @diffusers_names
@@ -322,7 +330,8 @@ class Pipeline:
                  for j in np.argsort(-scores[i * candidates:(i + 1) * candidates], kind="stable")[:keep]]
         out.scores = scores.astype(np.float32)
         out = out.reorder(order)
-        out.settings.update(verb="rerank", candidates=candidates)
+        out.settings.update(verb="rerank", candidates=candidates, keep=keep, candidate_indices=[i % candidates for i in order],
+                            rerank_clip=str(getattr(scorer, "model_dir", clip)) if clip is not None else "own")
         return out
 
     def _scorer(self, clip) -> CLIP:

@@ -161,6 +161,9 @@ RUNS_ON = {
     **{f"test_cli_options.py::{t}": ("torch",) for t in (
         "test_prompt_as_option_or_argument", "test_several_seeds_and_templates", "test_steps_and_guidance_shorthands",
         "test_threads_and_quiet_names", "test_diffusers_argument_names")},
+    **{f"test_cli_reproduce.py::{t}": ("torch",) for t in (
+        "test_image_k_of_a_set_regenerates_exactly", "test_a_reranked_pick_regenerates_exactly",
+        "test_bad_uses_are_one_line")},
     "test_errors_sources.py::test_a_revision_with_a_local_folder_is_one_line": ("torch",),
     "test_errors_model_json.py::test_generated_model_json_documents_are_loaded_or_one_line": ("torch",),
     "test_errors_model_json.py::test_a_wrong_type_names_its_field": ("torch",),
