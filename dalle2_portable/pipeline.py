@@ -330,7 +330,8 @@ class Pipeline:
                  for j in np.argsort(-scores[i * candidates:(i + 1) * candidates], kind="stable")[:keep]]
         out.scores = scores.astype(np.float32)
         out = out.reorder(order)
-        out.settings.update(verb="rerank", candidates=candidates, keep=keep, candidate_indices=[i % candidates for i in order],
+        out.settings.update(verb="rerank", candidates=candidates, keep=keep,
+                            candidate_indices=[i % candidates for i in order],
                             rerank_clip=str(getattr(scorer, "model_dir", clip)) if clip is not None else "own")
         return out
 

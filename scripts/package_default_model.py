@@ -64,8 +64,7 @@ def main() -> None:
     size = sum(p.stat().st_size for p in source.rglob("*") if p.is_file())
     if size > LIMIT:
         raise SystemExit(f"error: {source} is {size / 2**20:.1f} MiB; the package allows 20 MiB")
-    about = {"recipe": "bash scripts/train_default_model.sh, then scripts/package_default_model.py",
-             "data": "the procedural shapes data (dalle2_portable/train/shapes.py), 5000 items, seed 0"}
+    about = {"recipe": "bash scripts/train_default_model.sh, then scripts/package_default_model.py"}
     times = {}
     if (args.runs / "times.txt").is_file():
         for line in (args.runs / "times.txt").read_text().splitlines():
@@ -75,6 +74,7 @@ def main() -> None:
         record = json.loads((args.runs / stage / "run.json").read_text())
         about[f"{stage}.steps"] = record["settings"]["steps"]
         about[f"{stage}.batch_size"] = record["settings"]["batch_size"]
+        about[f"{stage}.data"] = record["data"]  # e.g. "shapes (seed 0, 50000 items, generator v3)"
         if stage in times:
             about[f"{stage}.train_seconds"] = times[stage]
     if args.eval:

@@ -2,23 +2,33 @@
 # Rebuild dalle2_portable's default model from nothing, on CPU, with `dalle2 train` alone:
 #   bash scripts/train_default_model.sh [RUNS_DIR]        (default runs/default; BACKEND=torch|mlx)
 # Four stages, each a resumable run under RUNS_DIR (kill it any time; run the script again to continue):
-#   clip      both CLIP towers from scratch, its tokenizer learnt from the shapes captions (32 px images)
+#   clip      both CLIP towers from scratch, its tokenizer learnt from the shapes captions (32 px images); 50000
+#             items, as the prior and the decoder (5000 overfit: a held-out shape probe of the image embeddings
+#             read 82% right, 94% with 50000)
 #   prior     caption -> CLIP image embedding, x0 prediction (Karlo's objective)
 #   decoder   CLIP image embedding (+ caption) -> 32 px image: a 3-level UNet (32/64/96 channels, attention at
 #             8 x 8 only), v prediction, min-SNR-5 weights, Karlo's learned variance
-#   sr        32 -> 64 px upsampler (16/32/64 channels), v prediction, min-SNR-5, noise-augmented conditioning
+#   sr        32 -> 64 px upsampler (16/32/64 channels), v prediction, min-SNR-5, noise-augmented conditioning;
+#             5000 items are plenty (3/255 mean error on clean 32 px inputs)
 # The upsampler learns from the data's own 32 px images, not the decoder's, so the two train side by side, one
-# CPU thread each (on 2 cores this beats running them one after the other at 2 threads each);
+# CPU thread each (on 2 cores this beats running them one after the other at 2 threads each; a stage left alone,
+# e.g. on a resume after the other finished, gets both);
 # scripts/package_default_model.py then joins them. The seconds each stage took go to RUNS_DIR/times.txt.
 set -euo pipefail
 OUT=${1:-runs/default}
 BACKEND=${BACKEND:-torch}
-DATA=(--data shapes --data-size 5000 --seed 0)
+DATA=(--data shapes --seed 0)
+ITEMS=(--data-size 50000)
 mkdir -p "$OUT"
+
+finished() {  # finished NAME: OUT/NAME has its model, written after its last checkpoint
+  local run="$OUT/$1"
+  [ -f "$run/model/model.json" ] && [ ! -f "$run/checkpoint/state.json" -o "$run/model" -nt "$run/checkpoint/state.json" ]
+}
 
 stage() {  # stage NAME ARGS...: train OUT/NAME unless its model exists; resume from its checkpoint if any
   local name=$1 run="$OUT/$1"; shift
-  if [ -f "$run/model/model.json" ] && [ ! -f "$run/checkpoint/state.json" -o "$run/model" -nt "$run/checkpoint/state.json" ]; then
+  if finished "$name"; then
     echo "$name: done ($run/model)"; return
   fi
   local resume=()
@@ -40,17 +50,17 @@ cat > "$OUT/sr.json" <<'JSON'
  "up_block_types": ["ResnetUpsampleBlock2D", "ResnetUpsampleBlock2D", "ResnetUpsampleBlock2D"]}}
 JSON
 
-stage clip clip --config tiny --image-size 32 --steps 6000 --batch-size 64 --lr 1e-3 --warmup 100 \
+stage clip clip "${ITEMS[@]}" --config tiny --image-size 32 --steps 6000 --batch-size 64 --lr 1e-3 --warmup 100 \
   --checkpoint-every 500
-stage prior prior -m "$OUT/clip/model" --config tiny --steps 6000 --batch-size 64 --lr 1e-3 --warmup 100 \
-  --checkpoint-every 500
-export OMP_NUM_THREADS=1 THREADS=1
-stage decoder decoder -m "$OUT/prior/model" --config "$OUT/decoder.json" --image-size 32 \
-  --prediction v_prediction --min-snr-gamma 5 --steps 4500 --batch-size 32 --lr 1e-3 --warmup 200 \
+stage prior prior "${ITEMS[@]}" -m "$OUT/clip/model" --config tiny --steps 6000 --batch-size 64 --lr 1e-3 \
+  --warmup 100 --checkpoint-every 500
+if ! finished decoder && ! finished sr; then export OMP_NUM_THREADS=1 THREADS=1; fi
+stage decoder decoder "${ITEMS[@]}" -m "$OUT/prior/model" --config "$OUT/decoder.json" --image-size 32 \
+  --prediction v_prediction --min-snr-gamma 5 --steps 5500 --batch-size 32 --lr 1e-3 --warmup 200 \
   --checkpoint-every 250 --quiet &
 decoder=$!
-stage sr super-res -m "$OUT/prior/model" --config "$OUT/sr.json" --image-size 64 --low-size 32 --sr-noise 0.05 \
-  --prediction v_prediction --min-snr-gamma 5 --steps 3000 --batch-size 32 --lr 1e-3 --warmup 100 \
+stage sr super-res --data-size 5000 -m "$OUT/prior/model" --config "$OUT/sr.json" --image-size 64 --low-size 32 \
+  --sr-noise 0.05 --prediction v_prediction --min-snr-gamma 5 --steps 3000 --batch-size 32 --lr 1e-3 --warmup 100 \
   --checkpoint-every 250 &
 sr=$!
 failed=0
