@@ -1,0 +1,71 @@
+"""The `dalle2` command line: thin click commands over the public API, one module per family of commands
+(models.py: convert, cache, info, verify; generate.py: the generation verbs, compare, eval; train.py; options.py:
+what the generation verbs share).
+
+Every user error is a `Dalle2Error` and is printed as one line `error: ...` with exit status 2.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import warnings
+
+import click
+
+from ..errors import Dalle2Error, Dalle2Warning
+
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    if issubclass(category, Dalle2Warning):
+        click.echo(f"warning: {message}", err=True)
+    else:
+        _python_show_warning(message, category, filename, lineno, file, line)
+
+
+_python_show_warning = warnings.showwarning
+
+
+class _Signal(BaseException):
+    """SIGTERM or SIGHUP, raised where the process is, so that every `finally` runs (temporary files go)."""
+
+
+def _on_signal(signum, frame):
+    raise _Signal(signum)
+
+
+class _Group(click.Group):
+    def invoke(self, ctx):
+        warnings.showwarning = _show_warning  # a Dalle2Warning is one line, like an error
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, _on_signal)
+        if not logging.getLogger("dalle2_portable").handlers:  # what the library does on the user's behalf
+            handler = logging.StreamHandler(sys.stderr)
+            handler.setFormatter(logging.Formatter("%(message)s"))
+            logging.getLogger("dalle2_portable").addHandler(handler)
+            logging.getLogger("dalle2_portable").setLevel(logging.INFO)
+        try:
+            return super().invoke(ctx)
+        except (KeyboardInterrupt, _Signal) as e:
+            signum = e.args[0] if isinstance(e, _Signal) else signal.SIGINT
+            click.echo(f"error: interrupted ({signal.Signals(signum).name}); nothing half-written was left", err=True)
+            sys.exit(128 + signum)
+        except Dalle2Error as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+        except click.UsageError as e:  # a bad option value: one line too, pointing at the command's help
+            where = e.ctx.command_path if e.ctx else "dalle2"
+            click.echo(f"error: {e.format_message().rstrip('.')}; see `{where} --help`", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="dalle2_portable")
+def main():
+    """DALL-E 2 (unCLIP) on MLX and PyTorch."""
+
+
+
+from . import generate, models, train  # noqa: E402,F401  (each module adds its commands to main)
