@@ -356,6 +356,9 @@ def check_output(path: str | os.PathLike, overwrite: bool = False, suffix: str =
     if not path.parent.is_dir():
         raise Dalle2Error(f"cannot write {shown!r}: the directory {str(path.parent)!r} does not exist; "
                           "create it first")
+    if not os.access(path.parent, os.W_OK):
+        raise Dalle2Error(f"cannot write {shown!r}: the directory {str(path.parent)!r} is read-only here; choose "
+                          "another output path")
     return path
 
 

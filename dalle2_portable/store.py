@@ -330,7 +330,13 @@ def atomic_directory(out_dir: str | os.PathLike, overwrite: bool = False) -> Ite
     if out_dir.exists() and not overwrite:
         raise Dalle2Error(f"output {str(out_dir)!r} already exists; choose another path or pass --force "
                           "(overwrite=True)")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise Dalle2Error(f"cannot create {str(out_dir.parent)!r}: {e.strerror or e}; choose a location you can "
+                          "write to") from None
+    if not os.access(out_dir.parent, os.W_OK):  # before any long work
+        raise Dalle2Error(f"cannot write in {str(out_dir.parent)!r}: it is read-only here; choose another location")
     sweep_leftovers(out_dir)
     tmp = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:  # made inside the try: a signal right after it is made still removes it
@@ -343,8 +349,11 @@ def atomic_directory(out_dir: str | os.PathLike, overwrite: bool = False) -> Ite
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out_dir)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and e.errno is not None:  # a full disk, a read-only or vanished location
+            raise Dalle2Error(f"cannot write {str(out_dir)!r}: {e.strerror or e}; check the free space and the "
+                              "permissions there (nothing was left behind)") from None
         raise
 
 

@@ -207,6 +207,7 @@ SLOW = (
     "test_errors_interrupts.py::test_a_caught_signal_leaves_nothing[[]SIGINT]",  # and SIGKILL stay fast
     "test_errors_interrupts.py::test_cache_list_shows_and_clear_removes_leftovers",
     "test_errors_outputs.py::test_a_set_that_cannot_be_written_whole_is_not_written_at_all",  # 3 processes, ~10 s
+    "test_errors_outputs.py::test_convert_and_the_cache_on_a_full_disk_leave_nothing",
 )
 
 

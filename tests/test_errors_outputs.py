@@ -10,6 +10,8 @@ import signal
 import subprocess
 import sys
 
+import pytest
+
 CLI = [sys.executable, "-m", "dalle2_portable.cli"]
 ARGS = ["generate", "a red circle", "--backend", "torch", "--quiet", "-n", "4", "--steps", "3",
         "--super-res-steps", "2"]
@@ -40,3 +42,32 @@ def test_a_set_that_cannot_be_written_whole_is_not_written_at_all(tmp_path):
     r = subprocess.run([*CLI, *ARGS, "-o", str(out / "s.png")], capture_output=True, text=True, env=env)
     assert r.returncode == 0 and sorted(p.name for p in out.iterdir()) == [f"s-{i}.png" for i in range(4)]
     assert all((out / f"s-{i}.png").read_bytes() == (first / f"s-{i}.png").read_bytes() for i in range(4))
+
+
+def test_convert_and_the_cache_on_a_full_disk_leave_nothing(models, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DALLE2_CACHE": str(tmp_path / "cache")}
+    limit = _limited(20_000)  # the tiny Karlo's decoder weights are larger
+    r = subprocess.run([*CLI, "convert", str(models["karlo_src"]), str(tmp_path / "out")], capture_output=True,
+                       text=True, env=env, preexec_fn=limit)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [r.stderr.strip()], r.stderr
+    assert "cannot write" in r.stderr and "free space" in r.stderr and "(nothing was left behind)" in r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    r = subprocess.run([*CLI, "info", str(models["karlo_src"])], capture_output=True, text=True, env=env,
+                       preexec_fn=limit)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and lines[-1].startswith("error: cannot write") and "Traceback" not in r.stderr, r.stderr
+    assert list((tmp_path / "cache" / "local").iterdir()) == []
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories; run as a user to check")
+def test_a_read_only_location_is_refused_before_any_work(models, tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        for args in (["generate", "a cat", "-m", str(models["karlo"]), "-o", str(locked / "x.png")],
+                     ["convert", str(models["karlo_src"]), str(locked / "m")]):
+            r = subprocess.run([*CLI, *args], capture_output=True, text=True)
+            assert r.returncode == 2 and "read-only" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    finally:
+        locked.chmod(0o755)
