@@ -141,20 +141,7 @@ class Pipeline:
 
     # -- the pieces the verbs share --------------------------------------------------------------------------
     def _stages(self, names: tuple[str, ...], options: dict) -> dict[str, Stage]:
-        """The Stage of each named stage: the call's options ({stage}_steps, {stage}_guidance, {stage}_sampler
-        as the stage has them, each None = the model's default) over the model's defaults."""
-        settings = self.defaults.override(names, options)
-        if "super_res_first" not in self.spec.components:  # a cascade without an upsampler ends at the decoder
-            names = tuple(s for s in names if s != "super_res")
-        stages = {}
-        for s in names:
-            if s == "prior":
-                self._require_prior()
-            if s not in self._schedules:
-                raise Dalle2Error(f"model {str(self.model_dir)!r} has no {s} scheduler in model.json; "
-                                  "re-convert it with `dalle2 convert`")
-            stages[s] = Stage(self._schedules[s], **settings.stage(s))
-        return stages
+        return stages_of(self.model_dir, self.spec, self._schedules, names, options)
 
     def _uncond(self, n: int) -> TextCondition:
         """The empty caption's condition, n rows (classifier-free guidance's unconditional half)."""
@@ -204,10 +191,7 @@ class Pipeline:
         return UnCLIPOutput(images, embeddings, small, big, captions, settings)
 
     def _require_prior(self) -> None:
-        if "prior" not in self.spec.components:
-            raise Dalle2Error(f"model {str(self.model_dir)!r} has no prior, so it cannot turn a caption into an image "
-                              "embedding (an image-variations model): it can vary, edit and interpolate images; for "
-                              "text to image use a model with a prior (the default, or kakaobrain/karlo-v1-alpha)")
+        _require_prior(self.model_dir, self.spec)
 
     def _prior(self, text: TextCondition, stage: Stage, noise: NoiseStream, shared: bool = False) -> np.ndarray:
         self._require_prior()
@@ -344,6 +328,45 @@ class Pipeline:
             raise Dalle2Error(f"model {str(self.model_dir)!r} has no CLIP image encoder to score images with; pass "
                               "clip='openai/clip-vit-large-patch14' (or another CLIP model)")
         return self.clip
+
+
+def stages_of(model_dir, spec: ModelSpec, schedules: dict, names: tuple[str, ...], options: dict) -> dict[str, Stage]:
+    """The Stage of each named stage: the call's options ({stage}_steps, {stage}_guidance, {stage}_sampler as
+    the stage has them, each None = the model's default) over the model's defaults, every value checked."""
+    settings = spec.defaults.override(names, options)
+    if "super_res_first" not in spec.components:  # a cascade without an upsampler ends at the decoder
+        names = tuple(s for s in names if s != "super_res")
+    stages = {}
+    for s in names:
+        if s == "prior":
+            _require_prior(model_dir, spec)
+        if s not in schedules:
+            raise Dalle2Error(f"model {str(model_dir)!r} has no {s} scheduler in model.json; "
+                              "re-convert it with `dalle2 convert`")
+        try:
+            stages[s] = Stage(schedules[s], **settings.stage(s))
+        except Dalle2Error as e:
+            raise Dalle2Error(f"{s.replace('_', '-')} {e}") from None
+    return stages
+
+
+def check_options(model: str | os.PathLike, names: tuple[str, ...], options: dict, revision: str | None = None
+                  ) -> Path:
+    """Check a call's stage options against the model's schedules and defaults from model.json alone, before
+    any weight is loaded (a 13.6 GB load should not precede "steps must be at most 1000"); its directory."""
+    from .convert import resolve_model
+
+    model_dir = resolve_model(model, revision=revision)
+    spec = store.read_spec(model_dir)
+    stages_of(model_dir, spec, {k: UnCLIPSchedule(c) for k, c in spec.schedulers.items()}, names, options)
+    return model_dir
+
+
+def _require_prior(model_dir, spec: ModelSpec) -> None:
+    if "prior" not in spec.components:
+        raise Dalle2Error(f"model {str(model_dir)!r} has no prior, so it cannot turn a caption into an image "
+                          "embedding (an image-variations model): it can vary, edit and interpolate images; for "
+                          "text to image use a model with a prior (the default, or kakaobrain/karlo-v1-alpha)")
 
 
 def _prompts(prompt) -> list[str]:

@@ -70,6 +70,7 @@ class Stage:
 
     def __post_init__(self):
         check_sampler(self.sampler)  # before any work, not at the first step
+        self.schedule.timesteps(self.steps)  # the step count, likewise
 
     @property
     def guided(self) -> bool:

@@ -172,7 +172,7 @@ RUNS_ON = {
     **{f"test_errors_numbers.py::{t}": ("torch",) for t in (
         "test_a_bad_seed_is_one_line_in_the_cli", "test_non_finite_guidance_in_the_cli",
         "test_a_stage_that_goes_non_finite_names_itself_and_saves_nothing",
-        "test_steps_beyond_the_schedule_are_one_line")},
+        "test_steps_beyond_the_schedule_are_one_line", "test_steps_are_checked_before_any_weight_loads")},
 }
 
 # The slow tier, as "file::test[params]" patterns (fnmatch): the whole-cascade checks beyond one generate per

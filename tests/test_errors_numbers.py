@@ -65,3 +65,16 @@ def test_a_stage_that_goes_non_finite_names_itself_and_saves_nothing(tmp_path):
 def test_steps_beyond_the_schedule_are_one_line(models, tmp_path):
     _cli_refuses(tmp_path, "generate", "a cat", "-m", models["karlo"], "--prior-steps", "5000",
                  match="steps must be between 2 and 1000")
+
+
+def test_steps_are_checked_before_any_weight_loads(models, tmp_path):
+    import shutil
+
+    model = tmp_path / "m"
+    shutil.copytree(models["karlo"], model)
+    (model / "decoder.safetensors").unlink()  # loading would fail on this first
+    message = _cli_refuses(tmp_path, "generate", "a cat", "-m", model, "--decoder-steps", "5000",
+                           match="decoder steps must be between 2 and 1000")
+    assert "decoder.safetensors" not in message
+    _cli_refuses(tmp_path, "vary", models["karlo"] / "tokenizer" / "vocab.json", "-m", model, "--super-res-steps",
+                 "1001", match="super-res steps must be between 2 and 1000")

@@ -59,7 +59,7 @@ def generate(prompt, from_png, prompt_option, output, num_images, rerank, clip_m
     if rerank is not None and rerank < num_images:
         raise Dalle2Error(f"--rerank ({rerank}) must be at least --num-images ({num_images})")
     paths = _outputs(output, num_images, force, seeds=seed)
-    pipe = _pipeline(model, revision, backend, device, dtype, quiet, threads)
+    pipe = _pipeline(model, revision, backend, device, dtype, quiet, threads, (STAGES, _options(stages)))
     for s, ps in paths.items():
         if rerank is not None:
             out = pipe.rerank(prompt, candidates=rerank, keep=num_images, clip=clip_model, seed=s,
@@ -81,7 +81,7 @@ def vary(image, output, num_images, model, revision, backend, device, dtype, see
     """Variations of IMAGE: its CLIP image embedding decoded again (needs a model with an image encoder, such as
     kakaobrain/karlo-v1-alpha-image-variations)."""
     paths = _outputs(output, num_images, force, seeds=seed)
-    pipe = _pipeline(model, revision, backend, device, dtype, quiet, threads)
+    pipe = _pipeline(model, revision, backend, device, dtype, quiet, threads, (STAGES[1:], _options(stages)))
     for s, ps in paths.items():
         out = pipe.vary(image, num_images=num_images, seed=s, **_options(stages))
         _save(out, ps, force, quiet, {"source_image": str(image)})
@@ -112,7 +112,8 @@ def interpolate(start, end, frames, text, output, gif, fps, model, revision, bac
     options = _options(stages)
     paths = _outputs(output, frames, force, seeds=seed)
     gifs = _outputs(str(Path(output).with_suffix(".gif")), 1, force, ".gif", seed) if gif else {}
-    pipe = _pipeline(model, revision, backend, device, dtype, quiet, threads)
+    pipe = _pipeline(model, revision, backend, device, dtype, quiet, threads,
+                     (STAGES if text else STAGES[1:], options))
     for s, ps in paths.items():
         out = pipe.interpolate(start, end, frames=frames, seed=s, kind="text" if text else "image", **options)
         _save(out, ps, force, quiet, {"start": start, "end": end})
@@ -138,7 +139,7 @@ def edit(image, source, target, amount, output, num_images, model, revision, bac
          quiet, force, **stages):
     """Edit IMAGE with a DALL-E 2 text diff: its CLIP embedding moved from --from toward --to by --amount."""
     paths = _outputs(output, num_images, force, seeds=seed)
-    pipe = _pipeline(model, revision, backend, device, dtype, quiet, threads)
+    pipe = _pipeline(model, revision, backend, device, dtype, quiet, threads, (STAGES[1:], _options(stages)))
     for s, ps in paths.items():
         out = pipe.edit(image, source=source, target=target, amount=amount, num_images=num_images, seed=s,
                         **_options(stages))

@@ -126,9 +126,12 @@ def _outputs(output: str, n: int, force: bool, suffix: str = ".png", seeds=(0,))
     return paths
 
 
-def _pipeline(model, revision, backend, device, dtype, quiet, threads=None):
-    from ..pipeline import load_pipeline
+def _pipeline(model, revision, backend, device, dtype, quiet, threads=None, check=None):
+    """The pipeline; `check` = (stage names, options): checked against model.json before any weight loads."""
+    from ..pipeline import check_options, load_pipeline
 
+    if check is not None:
+        model, revision = check_options(model, *check, revision=revision), None
     pipe = load_pipeline(model, backend=backend, device=device, dtype=dtype, revision=revision, progress=not quiet)
     if threads is not None:
         try:
