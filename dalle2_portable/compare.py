@@ -73,14 +73,18 @@ class CompareReport:
 def compare_backends(prompt: str | list[str], model: str = "default", backends: tuple[str, str] = ("torch", "mlx"),
                      seed: int = 0, num_images: int = 1, dtype: str = "float32", revision: str | None = None,
                      progress: bool = False, **options) -> CompareReport:
-    """Generate with the same seed and options on two backends; the per-stage differences."""
+    """Generate with the same seed and options on two backends; the per-stage differences. Each backend is
+    NAME or NAME:DEVICE ("torch:cuda" vs "torch:cpu" compares two devices of one framework)."""
     from .pipeline import load_pipeline
 
+    backends = tuple(str(b).strip() for b in backends)
     if len(backends) != 2 or backends[0] == backends[1]:
-        raise Dalle2Error(f"compare needs two different backends, got {backends!r}")
+        raise Dalle2Error(f"compare needs two different backends (NAME or NAME:DEVICE), got {backends!r}")
     outputs, seconds = {}, {}
     for name in backends:
-        pipe = load_pipeline(model, backend=name, dtype=dtype, revision=revision, progress=progress)
+        framework, _, device = name.partition(":")
+        pipe = load_pipeline(model, backend=framework, device=device or None, dtype=dtype, revision=revision,
+                             progress=progress)
         start = time.perf_counter()
         outputs[name] = pipe.generate(prompt, num_images=num_images, seed=seed, **options)
         seconds[name] = time.perf_counter() - start

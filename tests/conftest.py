@@ -160,7 +160,7 @@ RUNS_ON = {
         "test_a_symlink_inside_the_directory_is_fine")},
     **{f"test_cli_options.py::{t}": ("torch",) for t in (
         "test_prompt_as_option_or_argument", "test_several_seeds_and_templates", "test_steps_and_guidance_shorthands",
-        "test_threads_and_quiet_names", "test_diffusers_argument_names")},
+        "test_threads_and_quiet_names", "test_diffusers_argument_names", "test_compare_takes_devices")},
     **{f"test_cli_reproduce.py::{t}": ("torch",) for t in (
         "test_image_k_of_a_set_regenerates_exactly", "test_a_reranked_pick_regenerates_exactly",
         "test_bad_uses_are_one_line")},

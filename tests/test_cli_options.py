@@ -87,3 +87,11 @@ def test_diffusers_argument_names():
     assert np.array_equal(ours.samples, theirs.samples) and len(theirs) == 2
     with pytest.raises(d2.Dalle2Error, match="decoder_num_inference_steps .diffusers' name. and decoder_steps"):
         pipe.generate("x", decoder_steps=3, decoder_num_inference_steps=4)
+
+
+def test_compare_takes_devices(tmp_path):
+    out = run("compare", "a red circle", "--backends", "torch:cpu,torch", "--steps", "3", "--super-res-steps", "2",
+              "--quiet", "-o", tmp_path / "c.png").output.split("\n")
+    assert any("torch:cpu" in line for line in out) and (tmp_path / "c.png").exists()
+    assert "two different backends" in run("compare", "x", "--backends", "torch,torch", "-o", tmp_path / "d.png",
+                                           ok=False).output

@@ -50,7 +50,7 @@ def test_non_finite_guidance_is_refused_before_any_work(option, value):
 
 def test_non_finite_guidance_in_the_cli(models, tmp_path):
     _cli_refuses(tmp_path, "generate", "a cat", "-m", models["karlo"], "--decoder-guidance", "nan",
-                 match="decoder_guidance must be a finite number")
+                 match="--decoder-guidance must be a finite number")
 
 
 def test_a_stage_that_goes_non_finite_names_itself_and_saves_nothing(tmp_path):

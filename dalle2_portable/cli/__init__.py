@@ -8,6 +8,7 @@ Every user error is a `Dalle2Error` and is printed as one line `error: ...` with
 from __future__ import annotations
 
 import logging
+import re
 import signal
 import sys
 import warnings
@@ -36,6 +37,17 @@ def _on_signal(signum, frame):
     raise _Signal(signum)
 
 
+_OPTION = re.compile(r"\b(prior|decoder|super_res)_(steps|guidance|sampler)\b")
+
+
+def _in_cli_terms(message: str) -> str:
+    """An API message as a shell user reads it: options by their flags (decoder_guidance -> --decoder-guidance),
+    no Python keyword advice."""
+    if "model.json" not in message:  # there the names are the file's fields
+        message = _OPTION.sub(lambda m: "--" + m.group(0).replace("_", "-"), message)
+    return message.replace(" (overwrite=True)", "").replace("(or None for fresh noise)", "")
+
+
 class _Group(click.Group):
     def invoke(self, ctx):
         warnings.showwarning = _show_warning  # a Dalle2Warning is one line, like an error
@@ -53,7 +65,7 @@ class _Group(click.Group):
             click.echo(f"error: interrupted ({signal.Signals(signum).name}); nothing half-written was left", err=True)
             sys.exit(128 + signum)
         except Dalle2Error as e:
-            click.echo(f"error: {e}", err=True)
+            click.echo(f"error: {_in_cli_terms(str(e))}", err=True)
             sys.exit(2)
         except click.UsageError as e:  # a bad option value: one line too, pointing at the command's help
             where = e.ctx.command_path if e.ctx else "dalle2"

@@ -151,7 +151,9 @@ def edit(image, source, target, amount, output, num_images, model, revision, bac
 @click.option("--model", "-m", default="default", show_default=True,
               help="Hub repo id, model directory, or `default` (the packaged model).")
 @click.option("--revision", default=None, help="Hub branch, tag or commit.")
-@click.option("--backends", default="torch,mlx", show_default=True, help="The two backends to compare.")
+@click.option("--backends", default="torch,mlx", show_default=True,
+              help="The two to compare, comma-separated, each BACKEND or BACKEND:DEVICE (torch, mlx, torch:cuda, "
+              "torch:cpu, mlx:gpu, mlx:cpu): two frameworks, or two devices of one.")
 @click.option("--dtype", type=DTYPES, default="float32", show_default=True, help="Compute dtype of both.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
               help="The one seed both backends draw the noise from.")
