@@ -15,9 +15,11 @@ Each step is skipped when its `do_*` flag is off, as there.
 
 from __future__ import annotations
 
+import glob
 import math
 import os
 import secrets
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Union
@@ -25,7 +27,7 @@ from typing import Any, Union
 import numpy as np
 from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
-from .errors import Dalle2Error
+from .errors import Dalle2Error, Dalle2Warning
 from .spec import ImageProcessorConfig, unsupported
 
 ImageSource = Union[str, "os.PathLike[str]", Image.Image]
@@ -372,6 +374,8 @@ def write_atomic_all(items, overwrite: bool, suffix: str) -> list[Path]:
     """[(path, write)]: every file written whole to a hidden temporary beside its path first, then all moved into
     place, so a failure while writing (a full disk, a signal) leaves none of them, and no temporary file."""
     paths = [check_output(p, overwrite, suffix) for p, _ in items]
+    for path in paths:
+        _sweep(path)
     temps: list[str] = []
     shown = str(paths[0]) if paths else ""
     try:
@@ -420,10 +424,25 @@ def _exists_error(shown: str) -> Dalle2Error:
                        "another output path")
 
 
+def _sweep(path: Path) -> None:
+    """Remove the temporary files a killed writer (SIGKILL, power loss) left beside `path`: `.NAME.PID-*.tmp`
+    of a process that is gone, saying so in one line."""
+    from .store import process_alive
+
+    stale = [p for p in path.parent.glob(f".{glob.escape(path.name)}.*-*.tmp")
+             if p.name[len(path.name) + 2:].split("-")[0].isdigit()
+             and not process_alive(int(p.name[len(path.name) + 2:].split("-")[0]))]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    if stale:
+        warnings.warn(Dalle2Warning(f"removed {len(stale)} temporary file(s) an interrupted write of {str(path)!r} "
+                                    "left behind"), stacklevel=4)
+
+
 def _create_temp(directory: Path, name: str, shown: str) -> tuple[str, int]:
     """A new hidden file next to the target, created with mode 0o666 minus the umask (unlike mkstemp's 0o600)."""
     for _ in range(100):
-        tmp = str(directory / f".{name}.{secrets.token_hex(4)}.tmp")
+        tmp = str(directory / f".{name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")  # the pid: see _sweep
         try:
             return tmp, os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
         except FileExistsError:

@@ -287,12 +287,12 @@ def leftovers(out_dir: str | os.PathLike) -> list[Path]:
     for p in out_dir.parent.glob(f".{out_dir.name}.*-*"):
         kind, _, rest = p.name[len(out_dir.name) + 2:].partition("-")
         pid = rest.split("-")[0]
-        if kind in ("partial", "old") and p.is_dir() and not (pid.isdigit() and _alive(int(pid))):
+        if kind in ("partial", "old") and p.is_dir() and not (pid.isdigit() and process_alive(int(pid))):
             found.append(p)
     return sorted(found)
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -71,3 +71,23 @@ def test_a_read_only_location_is_refused_before_any_work(models, tmp_path):
             assert r.returncode == 2 and "read-only" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     finally:
         locked.chmod(0o755)
+
+
+def test_a_killed_writers_temporary_png_is_swept_with_a_message(tmp_path):
+    import warnings
+
+    from PIL import Image
+
+    import dalle2_portable as d2
+    from dalle2_portable.images import save_png
+
+    stale = tmp_path / ".x.png.999999999-abcd1234.tmp"  # a pid no process has: what SIGKILL mid-write leaves
+    stale.write_bytes(b"half a png")
+    live = tmp_path / f".x.png.{os.getpid()}-abcd1234.tmp"  # this process's: work in progress, kept
+    live.write_bytes(b"mine")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        save_png(Image.new("RGB", (4, 4)), tmp_path / "x.png")
+    assert [str(w.message) for w in caught if issubclass(w.category, d2.Dalle2Warning)] == [
+        f"removed 1 temporary file(s) an interrupted write of {str(tmp_path / 'x.png')!r} left behind"]
+    assert not stale.exists() and live.exists() and (tmp_path / "x.png").exists()
