@@ -55,6 +55,23 @@ def models(tmp_path_factory):
     return out
 
 
+def cli(*args, ok=True):
+    """`dalle2 ARGS` in-process (click's runner, program name dalle2): exit 0 if ok, else a one-line
+    `error: ...` with exit status 2 and no traceback. Returns click's Result (output, stdout, stderr)."""
+    from click.testing import CliRunner
+
+    from dalle2_portable.cli import main
+
+    r = CliRunner().invoke(main, [str(a) for a in args], prog_name="dalle2")
+    if ok:
+        assert r.exit_code == 0, r.output
+    else:
+        assert r.exit_code == 2 and r.output.startswith("error: ") and len(r.output.strip().splitlines()) == 1, \
+            r.output
+        assert "Traceback" not in r.output
+    return r
+
+
 def assert_close_to_scale(actual, expected, rel: float, what: str = ""):
     """max |actual - expected| <= rel * max |expected| (the brief's "of the output's scale")."""
     actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)

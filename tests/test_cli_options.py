@@ -6,24 +6,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
+from conftest import cli
 from PIL import Image
 
 import dalle2_portable as d2
-from dalle2_portable.cli import main
 from dalle2_portable.images import read_png_metadata
 
 FEW = ["--prior-steps", "3", "--super-res-steps", "2"]
-
-
-def run(*args, ok=True):
-    r = CliRunner().invoke(main, [str(a) for a in args], prog_name="dalle2")
-    if ok:
-        assert r.exit_code == 0, r.output
-    else:
-        assert r.exit_code == 2 and r.output.startswith("error: ") and len(r.output.strip().splitlines()) == 1, \
-            r.output
-    return r
 
 
 def pixels(path):
@@ -32,35 +21,35 @@ def pixels(path):
 
 def test_prompt_as_option_or_argument(tmp_path):
     a, b = tmp_path / "a.png", tmp_path / "b.png"
-    run("generate", "a red circle", "--backend", "torch", "--quiet", "--decoder-steps", "3", *FEW, "-o", a)
-    run("generate", "--prompt", "a red circle", "--backend", "torch", "--quiet", "--decoder-steps", "3", *FEW, "-o", b)
+    cli("generate", "a red circle", "--backend", "torch", "--quiet", "--decoder-steps", "3", *FEW, "-o", a)
+    cli("generate", "--prompt", "a red circle", "--backend", "torch", "--quiet", "--decoder-steps", "3", *FEW, "-o", b)
     assert np.array_equal(pixels(a), pixels(b))
-    assert "two prompts" in run("generate", "a", "--prompt", "b", "-o", tmp_path / "c.png", ok=False).output
-    assert "no prompt" in run("generate", "-o", tmp_path / "c.png", ok=False).output
+    assert "two prompts" in cli("generate", "a", "--prompt", "b", "-o", tmp_path / "c.png", ok=False).output
+    assert "no prompt" in cli("generate", "-o", tmp_path / "c.png", ok=False).output
     assert not (tmp_path / "c.png").exists()
 
 
 def test_several_seeds_and_templates(tmp_path):
-    run("generate", "a blue square", "--backend", "torch", "--quiet", "--seed", "1", "--seed", "2", "--steps", "3",
+    cli("generate", "a blue square", "--backend", "torch", "--quiet", "--seed", "1", "--seed", "2", "--steps", "3",
         "--super-res-steps", "2", "-o", tmp_path / "sq.png")
     for seed in (1, 2):
         assert read_png_metadata(tmp_path / f"sq-s{seed}.png")["seed"] == str(seed)
     alone = tmp_path / "alone.png"
-    run("generate", "a blue square", "--backend", "torch", "--quiet", "--seed", "2", "--steps", "3",
+    cli("generate", "a blue square", "--backend", "torch", "--quiet", "--seed", "2", "--steps", "3",
         "--super-res-steps", "2", "-o", alone)
     assert np.array_equal(pixels(alone), pixels(tmp_path / "sq-s2.png"))  # one set per seed, as if run alone
-    run("generate", "a blue square", "--backend", "torch", "--quiet", "--seed", "5", "--seed", "6", "-n", "2",
+    cli("generate", "a blue square", "--backend", "torch", "--quiet", "--seed", "5", "--seed", "6", "-n", "2",
         "--steps", "3", "--super-res-steps", "2", "-o", tmp_path / "t-{seed}-{i}.png")
     assert sorted(p.name for p in tmp_path.glob("t-*.png")) == ["t-5-0.png", "t-5-1.png", "t-6-0.png", "t-6-1.png"]
     assert read_png_metadata(tmp_path / "t-6-1.png")["index"] == "1"
-    message = run("generate", "x", "--seed", "1", "--seed", "2", "-o", tmp_path / "same-{i}.png", ok=False).output
+    message = cli("generate", "x", "--seed", "1", "--seed", "2", "-o", tmp_path / "same-{i}.png", ok=False).output
     assert "names two images the same" in message and "{seed}" in message
-    assert "{seed} and {i} only" in run("generate", "x", "-o", tmp_path / "{what}.png", ok=False).output
+    assert "{seed} and {i} only" in cli("generate", "x", "-o", tmp_path / "{what}.png", ok=False).output
 
 
 def test_steps_and_guidance_shorthands(tmp_path):
     out = tmp_path / "s.png"
-    run("generate", "a red circle", "--backend", "torch", "--quiet", "--steps", "3", "--decoder-steps", "4",
+    cli("generate", "a red circle", "--backend", "torch", "--quiet", "--steps", "3", "--decoder-steps", "4",
         "--guidance", "1.5", "--super-res-steps", "2", "-o", out)
     meta = read_png_metadata(out)
     assert (meta["prior_steps"], meta["decoder_steps"], meta["decoder_guidance"]) == ("3", "4", "1.5")
@@ -69,13 +58,13 @@ def test_steps_and_guidance_shorthands(tmp_path):
 
 def test_threads_and_quiet_names(tmp_path):
     out = tmp_path / "t.png"
-    run("generate", "a red circle", "--backend", "torch", "--threads", "1", "--quiet", "--steps", "3",
+    cli("generate", "a red circle", "--backend", "torch", "--threads", "1", "--quiet", "--steps", "3",
         "--super-res-steps", "2", "-o", out)
     assert out.exists()
     if "mlx" in d2.installed_backends():
-        assert "--threads sets PyTorch's" in run("generate", "x", "--backend", "mlx", "--threads", "1", "-o",
+        assert "--threads sets PyTorch's" in cli("generate", "x", "--backend", "mlx", "--threads", "1", "-o",
                                                  tmp_path / "m.png", ok=False).output
-    assert "No such option '-q'" in run("generate", "x", "-q", "-o", tmp_path / "q.png", ok=False).output
+    assert "No such option '-q'" in cli("generate", "x", "-q", "-o", tmp_path / "q.png", ok=False).output
 
 
 def test_diffusers_argument_names():
@@ -90,8 +79,8 @@ def test_diffusers_argument_names():
 
 
 def test_compare_takes_devices(tmp_path):
-    out = run("compare", "a red circle", "--backends", "torch:cpu,torch", "--steps", "3", "--super-res-steps", "2",
+    out = cli("compare", "a red circle", "--backends", "torch:cpu,torch", "--steps", "3", "--super-res-steps", "2",
               "--quiet", "-o", tmp_path / "c.png").output.split("\n")
     assert any("torch:cpu" in line for line in out) and (tmp_path / "c.png").exists()
-    assert "two different backends" in run("compare", "x", "--backends", "torch,torch", "-o", tmp_path / "d.png",
+    assert "two different backends" in cli("compare", "x", "--backends", "torch,torch", "-o", tmp_path / "d.png",
                                            ok=False).output

@@ -10,8 +10,8 @@ import click
 from ..errors import Dalle2Error
 from ..spec import STAGES
 from . import main
-from .options import (DTYPES, _from_metadata, _model_options, _options, _outputs, _pipeline, _save,
-                      _stage_options)
+from .options import (DTYPES, _from_metadata, _model_options, _options, _output_options, _outputs, _pipeline,
+                      _save, _stage_options)
 
 
 @main.command()
@@ -21,11 +21,7 @@ from .options import (DTYPES, _from_metadata, _model_options, _options, _outputs
               "backend, prompt, seed, batch, steps, guidance, samplers); other generation options are refused.")
 @click.option("--prompt", "prompt_option", default=None, help="The prompt, as mflux and diffusers name it (or give "
               "it as the argument).")
-@click.option("--output", "-o", default="generate.png", show_default=True,
-              help="PNG path; several images are written as NAME-0.png, NAME-1.png, ...; {seed} and {i} in it are "
-              "filled in.")
-@click.option("--num-images", "-n", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Images per seed (diffusers: num_images_per_prompt).")
+@_output_options("generate.png")
 @click.option("--rerank", type=click.IntRange(min=1), default=None,
               help="Generate this many candidates and keep the --num-images best by CLIP similarity.")
 @click.option("--clip", "clip_model", default=None, help="CLIP model scoring --rerank (default: the model's own "
@@ -71,10 +67,7 @@ def generate(prompt, from_png, prompt_option, output, num_images, rerank, clip_m
 
 @main.command()
 @click.argument("image", type=click.Path(dir_okay=False))
-@click.option("--output", "-o", default="vary.png", show_default=True,
-              help="PNG path; several images are written as NAME-0.png, NAME-1.png, ...")
-@click.option("--num-images", "-n", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Images per seed (diffusers: num_images_per_prompt).")
+@_output_options("vary.png")
 @_stage_options(STAGES[1:])
 @_model_options
 def vary(image, output, num_images, model, revision, backend, device, dtype, seed, threads, quiet, force, **stages):
@@ -129,10 +122,7 @@ def interpolate(start, end, frames, text, output, gif, fps, model, revision, bac
 @click.option("--to", "target", required=True, help="A caption of the image you want.")
 @click.option("--amount", type=click.FloatRange(0, 1), default=0.5, show_default=True,
               help="How far to move toward --to (0 = a variation of IMAGE; 0.25-0.5 edits).")
-@click.option("--output", "-o", default="edit.png", show_default=True,
-              help="PNG path; several images are written as NAME-0.png, NAME-1.png, ...")
-@click.option("--num-images", "-n", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Images per seed (diffusers: num_images_per_prompt).")
+@_output_options("edit.png")
 @_stage_options(STAGES[1:])
 @_model_options
 def edit(image, source, target, amount, output, num_images, model, revision, backend, device, dtype, seed, threads,

@@ -19,6 +19,17 @@ DTYPES = click.Choice(["float32", "float16", "bfloat16"])
 KARLO = PipelineDefaults()  # quoted in --help only; the model's own defaults apply
 
 
+def _output_options(default: str):
+    """--output (default `default`) and --num-images, as generate, vary and edit take them."""
+    def wrap(f):
+        f = click.option("--num-images", "-n", type=click.IntRange(min=1), default=1, show_default=True,
+                         help="Images per seed (diffusers: num_images_per_prompt).")(f)
+        return click.option("--output", "-o", default=default, show_default=True,
+                            help="PNG path; several images are written as NAME-0.png, NAME-1.png, ...; {seed} and "
+                            "{i} in it are filled in.")(f)
+    return wrap
+
+
 def _model_options(f):
     """--model --revision --backend --device --dtype --seed --threads --quiet --force."""
     for decorator in reversed([
