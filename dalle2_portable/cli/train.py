@@ -79,7 +79,8 @@ def _setting(name: str, *decls, **kw):
 @click.option("--backend", type=BACKENDS, default=None, help="[default: auto, or --from's]")
 @click.option("--device", default=None, help="e.g. cuda, cpu, mps, gpu (default: the best there).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def train(stage, recipe, data, out, model, image_clip, config, freeze, resume, stop_at, backend, device, quiet, **options):
+def train(stage, recipe, data, out, model, image_clip, config, freeze, resume, stop_at, backend, device, quiet,
+          **options):
     """Train STAGE of an unCLIP model on --data; every setting is kept in OUT/run.json, the run resumes on
     either backend, and `--from OUT/run.json` launches it again."""
 
