@@ -4,14 +4,15 @@ declares, and every count is positive, checked before anything is built from it,
     check_fields(UNet2DConfig, {"block_out_channels": [32, "64"]}, "model.json component 'decoder'")
     -> Dalle2Error: model.json component 'decoder': block_out_channels must be a list of integers, got [32, '64']
 
-An integer field whose default is positive must be positive (sizes, counts, steps), one whose default is 0 must
-not be negative; floats must be finite. JSON has no tuples: a list stands for one.
+An integer field that is a size or a count (by its name: *_size, *_dim, *heads, *layers, *steps, ...) must be
+positive, any other integer (ids, enums, offsets) not negative; floats must be finite. JSON has no tuples: a list stands for one.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from typing import Any, Union
@@ -41,13 +42,18 @@ def check_fields(cls, d: dict[str, Any], where: str) -> None:
             raise Dalle2Error(f"{where}: {f.name} must be {'positive' if floor else 'at least 0'}, got {value}; {FIX}")
 
 
+# integer fields that are sizes or counts (a zero divides or builds nothing); every other integer is an id, an
+# enum (PIL's resample 0 is NEAREST) or an offset, and must only not be negative
+_POSITIVE = re.compile(r"(size|_dim|heads|layers|channels|groups|timesteps|steps|length|_block|_edge|height|width)$")
+
+
 def _floor(f: dataclasses.Field) -> int | None:
     default = f.default
     if isinstance(default, bool) or not isinstance(default, (int, type(None))):
         return None
-    if default is None:
-        return 1 if "int" in str(f.type) else None
-    return 1 if default >= 1 else 0 if default == 0 else None
+    if default is None and "int" not in str(f.type):
+        return None
+    return 1 if _POSITIVE.search(f.name) else 0
 
 
 def _conforms(value, hint) -> bool:

@@ -184,6 +184,7 @@ RUNS_ON = {
     "test_errors_sources.py::test_a_revision_with_a_local_folder_is_one_line": ("torch",),
     "test_errors_model_json.py::test_generated_model_json_documents_are_loaded_or_one_line": ("torch",),
     "test_errors_model_json.py::test_a_wrong_type_names_its_field": ("torch",),
+    "test_errors_model_json.py::test_ids_enums_and_offsets_may_be_zero": ("torch",),
     "test_errors_prompts.py::test_a_long_prompt_warns_and_records_what_was_used": ("torch",),
     "test_errors_prompts.py::test_the_cli_prints_one_warning_line_and_the_png_keeps_the_used_prompt": ("torch",),
     **{f"test_errors_numbers.py::{t}": ("torch",) for t in (

@@ -101,3 +101,12 @@ def test_a_wrong_type_names_its_field(original, folder, path, value, message):
     with pytest.raises(d2.Dalle2Error) as e:
         d2.load_pipeline(folder, backend="torch")
     assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_ids_enums_and_offsets_may_be_zero(original, folder):
+    """Only sizes and counts must be positive: PIL's resample 0 (NEAREST) and a zero freq_shift load."""
+    doc = copy.deepcopy(original)
+    doc["image_processor"] = {**(doc.get("image_processor") or {}), "resample": 0}
+    _set(doc, ("components", "decoder", "config", "freq_shift"), 0)
+    (folder / "model.json").write_text(json.dumps(doc))
+    d2.load_pipeline(folder, backend="torch")
