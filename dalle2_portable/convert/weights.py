@@ -7,6 +7,7 @@ Safetensors are opened with `safe_open` and read one tensor at a time. `.bin` fi
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -148,3 +149,4 @@ def write_component(ckpt: Checkpoint, names: list[str], config, path: Path, dtyp
     found = {n: store.TensorInfo(ckpt.shape(n), "F32") for n in names}
     store.check_tensors(found, expected_shapes(config), ckpt.files[0], store.SOURCE_FIX)
     store.write_tensors(path, [(n, ckpt.shape(n)) for n in names], ckpt.get, dtype)
+    logging.getLogger("dalle2_portable").info(f"  wrote {path.stem}: {path.stat().st_size / 1e6:,.1f} MB")
