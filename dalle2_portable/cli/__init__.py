@@ -29,6 +29,13 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
 _python_show_warning = warnings.showwarning
 
 
+class _Echo(logging.Handler):
+    """The library's log lines on stderr, as they are (whatever sys.stderr is at the time)."""
+
+    def emit(self, record):
+        click.echo(record.getMessage(), err=True)
+
+
 class _Signal(BaseException):
     """SIGTERM or SIGHUP, raised where the process is, so that every `finally` runs (temporary files go)."""
 
@@ -53,11 +60,10 @@ class _Group(click.Group):
         warnings.showwarning = _show_warning  # a Dalle2Warning is one line, like an error
         for sig in (signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, _on_signal)
-        if not logging.getLogger("dalle2_portable").handlers:  # what the library does on the user's behalf
-            handler = logging.StreamHandler(sys.stderr)
-            handler.setFormatter(logging.Formatter("%(message)s"))
-            logging.getLogger("dalle2_portable").addHandler(handler)
-            logging.getLogger("dalle2_portable").setLevel(logging.INFO)
+        log = logging.getLogger("dalle2_portable")
+        if not any(isinstance(h, _Echo) for h in log.handlers):  # what the library does on the user's behalf
+            log.addHandler(_Echo())
+            log.setLevel(logging.INFO)
         try:
             return super().invoke(ctx)
         except (KeyboardInterrupt, _Signal) as e:
