@@ -221,9 +221,20 @@ SLOW = (
     "*::test_mlx_matches_torch[*float16*",  # and bfloat16
     "test_default_model.py::test_the_wheel_ships_the_default_model",  # two wheel builds, ~6 s
     "test_errors_model_json.py::test_generated_model_json_documents_are_loaded_or_one_line",  # 100 documents, ~12 s
-    "test_errors_interrupts.py::test_a_caught_signal_leaves_nothing[[]SIGHUP]",  # subprocesses, ~4 s each; SIGTERM
-    "test_errors_interrupts.py::test_a_caught_signal_leaves_nothing[[]SIGINT]",  # and SIGKILL stay fast
+    # real signals to real subprocesses (~4 s each), and whole generations through the CLI
+    "test_errors_interrupts.py::test_a_caught_signal_leaves_nothing*",
+    "test_errors_interrupts.py::test_sigkill_leaves_a_folder_the_next_run_sweeps",
     "test_errors_interrupts.py::test_cache_list_shows_and_clear_removes_leftovers",
+    "test_cli_reproduce.py::test_image_k_of_a_set_regenerates_exactly",
+    "test_cli_reproduce.py::test_a_reranked_pick_regenerates_exactly",
+    "test_cli_reproduce.py::test_bad_uses_are_one_line",
+    "test_cli_options.py::test_prompt_as_option_or_argument",
+    "test_cli_options.py::test_several_seeds_and_templates",
+    "test_cli_options.py::test_steps_and_guidance_shorthands",
+    "test_cli_options.py::test_threads_and_quiet_names",
+    "test_cli_options.py::test_compare_takes_devices",
+    "test_errors_prompts.py::test_the_cli_prints_one_warning_line_and_the_png_keeps_the_used_prompt",
+    "test_errors_numbers.py::test_a_stage_that_goes_non_finite_names_itself_and_saves_nothing",
     "test_errors_outputs.py::test_a_set_that_cannot_be_written_whole_is_not_written_at_all",  # 3 processes, ~10 s
     "test_errors_outputs.py::test_convert_and_the_cache_on_a_full_disk_leave_nothing",
 )
