@@ -42,9 +42,12 @@ def entries(root: str | Path | None = None) -> list[Entry]:
         for folder in folders:
             if not folder.is_dir():
                 continue
-            for p in sorted(folder.iterdir()):
-                if p.name.startswith("."):
-                    continue
+            # the targets: each entry, and each name a temporary folder was for (a first conversion killed
+            # leaves a `.NAME.partial-*` with no NAME beside it)
+            names = {p.name if not p.name.startswith(".") else p.name[1:].split(".partial-")[0].split(".old-")[0]
+                     for p in folder.iterdir()}
+            for name in sorted(names):
+                p = folder / name
                 if (p / store.MODEL_JSON).is_file():
                     found.append(Entry(p, _source(p), store.directory_size(p), p.stat().st_mtime))
                 for left in store.leftovers(p):
