@@ -53,7 +53,7 @@ def test_steps_and_guidance_shorthands(tmp_path):
         "--guidance", "1.5", "--super-res-steps", "2", "-o", out)
     meta = read_png_metadata(out)
     assert (meta["prior_steps"], meta["decoder_steps"], meta["decoder_guidance"]) == ("3", "4", "1.5")
-    assert meta["prior_guidance"] == "2.0"  # the model's: --guidance is the decoder's
+    assert meta["prior_guidance"] == "1.0"  # the model's: --guidance is the decoder's
 
 
 def test_threads_and_quiet_names(tmp_path):
