@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import store
+from .paths import target_of
 from .convert import cache_dir
 from .errors import Dalle2Error
 
@@ -44,8 +45,8 @@ def entries(root: str | Path | None = None) -> list[Entry]:
                 continue
             # the targets: each entry, and each name a temporary folder was for (a first conversion killed
             # leaves a `.NAME.partial-*` with no NAME beside it)
-            names = {p.name if not p.name.startswith(".") else p.name[1:].split(".partial-")[0].split(".old-")[0]
-                     for p in folder.iterdir()}
+            names = {p.name if not p.name.startswith(".") else target_of(p.name) for p in folder.iterdir()}
+            names.discard(None)
             for name in sorted(names):
                 p = folder / name
                 if (p / store.MODEL_JSON).is_file():

@@ -25,11 +25,10 @@ import hashlib
 import json
 import os
 import re
-import uuid
 from pathlib import Path
 
 from .errors import Dalle2Error
-from .paths import inside, relative_path
+from .paths import inside, relative_path, temporary
 
 SMALL_FILE = 64 << 20  # bytes: files up to this size are hashed on every load
 CACHE_NAME = "verified.json"
@@ -146,7 +145,7 @@ def _remember(seen: dict) -> None:
     cache.update(seen)
     cache = dict(list(cache.items())[-CACHE_ENTRIES:])
     path = _cache_file()
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
+    tmp = temporary(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp.write_text(json.dumps(cache), encoding="utf-8")

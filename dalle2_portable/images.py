@@ -15,10 +15,8 @@ Each step is skipped when its `do_*` flag is off, as there.
 
 from __future__ import annotations
 
-import glob
 import math
 import os
-import secrets
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,6 +26,7 @@ import numpy as np
 from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 from .errors import Dalle2Error, Dalle2Warning
+from .paths import stale, temporary
 from .spec import ImageProcessorConfig, unsupported
 
 ImageSource = Union[str, "os.PathLike[str]", Image.Image]
@@ -427,22 +426,18 @@ def _exists_error(shown: str) -> Dalle2Error:
 def _sweep(path: Path) -> None:
     """Remove the temporary files a killed writer (SIGKILL, power loss) left beside `path`: `.NAME.PID-*.tmp`
     of a process that is gone, saying so in one line."""
-    from .store import process_alive
-
-    stale = [p for p in path.parent.glob(f".{glob.escape(path.name)}.*-*.tmp")
-             if p.name[len(path.name) + 2:].split("-")[0].isdigit()
-             and not process_alive(int(p.name[len(path.name) + 2:].split("-")[0]))]
-    for p in stale:
+    left = stale(path, suffix=".tmp")
+    for p in left:
         p.unlink(missing_ok=True)
-    if stale:
-        warnings.warn(Dalle2Warning(f"removed {len(stale)} temporary file(s) an interrupted write of {str(path)!r} "
+    if left:
+        warnings.warn(Dalle2Warning(f"removed {len(left)} temporary file(s) an interrupted write of {str(path)!r} "
                                     "left behind"), stacklevel=4)
 
 
 def _create_temp(directory: Path, name: str, shown: str) -> tuple[str, int]:
     """A new hidden file next to the target, created with mode 0o666 minus the umask (unlike mkstemp's 0o600)."""
     for _ in range(100):
-        tmp = str(directory / f".{name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")  # the pid: see _sweep
+        tmp = str(temporary(directory / name, suffix=".tmp"))  # the pid in the name: see _sweep
         try:
             return tmp, os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
         except FileExistsError:

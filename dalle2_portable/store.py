@@ -22,7 +22,6 @@ import contextlib
 import json
 import os
 import shutil
-import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +31,7 @@ import numpy as np
 
 from . import checksums
 from .errors import Dalle2Error, Dalle2Warning
-from .paths import inside
+from .paths import inside, stale, temporary
 from .spec import ModelSpec
 
 MODEL_JSON = "model.json"
@@ -283,23 +282,7 @@ def leftovers(out_dir: str | os.PathLike) -> list[Path]:
     machine that lost power, cleans nothing up): `.NAME.partial-PID-*` / `.NAME.old-PID-*` of a process that is
     gone. Those of a live process are its work in progress and are not listed."""
     out_dir = Path(out_dir).absolute()
-    found = []
-    for p in out_dir.parent.glob(f".{out_dir.name}.*-*"):
-        kind, _, rest = p.name[len(out_dir.name) + 2:].partition("-")
-        pid = rest.split("-")[0]
-        if kind in ("partial", "old") and p.is_dir() and not (pid.isdigit() and process_alive(int(pid))):
-            found.append(p)
-    return sorted(found)
-
-
-def process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
+    return [p for p in stale(out_dir, ("partial", "old")) if p.is_dir()]
 
 
 def sweep_leftovers(out_dir: str | os.PathLike) -> int:
@@ -338,12 +321,12 @@ def atomic_directory(out_dir: str | os.PathLike, overwrite: bool = False) -> Ite
     if not os.access(out_dir.parent, os.W_OK):  # before any long work
         raise Dalle2Error(f"cannot write in {str(out_dir.parent)!r}: it is read-only here; choose another location")
     sweep_leftovers(out_dir)
-    tmp = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = temporary(out_dir, "partial")
     try:  # made inside the try: a signal right after it is made still removes it
         tmp.mkdir()
         yield tmp
         if out_dir.exists():
-            old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            old = temporary(out_dir, "old")
             os.replace(out_dir, old)
             os.replace(tmp, out_dir)
             shutil.rmtree(old, ignore_errors=True)
@@ -366,7 +349,7 @@ def write_spec(directory: str | os.PathLike, spec: ModelSpec, about: dict | None
     if about is not None:
         d["about"] = check_about(about)
     path = Path(directory) / MODEL_JSON
-    tmp = path.with_name(f".{MODEL_JSON}.{uuid.uuid4().hex[:8]}")
+    tmp = temporary(path)
     try:
         tmp.write_text(json.dumps(d, indent=2) + "\n", encoding="utf-8")
         os.replace(tmp, path)

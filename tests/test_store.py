@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from builders import write_clip_vocab, write_tiny_clip
 from conftest import backend_params
 from safetensors.numpy import load_file, save_file
 
 import dalle2_portable as d2
-from dalle2_portable import store
+from dalle2_portable import paths, store
 from dalle2_portable.backends import get_backend
 
 
@@ -172,3 +177,36 @@ def test_streaming_writer_matches_safetensors(tmp_path):
     back = load_torch(str(path))
     for k, v in tensors.items():
         torch.testing.assert_close(back[k], torch.from_numpy(v).to(torch.bfloat16), rtol=0, atol=0)
+
+
+@settings(max_examples=200, deadline=None)
+@given(name=st.text(st.characters(blacklist_characters="/\0", blacklist_categories=("Cs",)), min_size=1,
+                    max_size=20).filter(lambda n: n not in (".", "..")),
+       tag=st.sampled_from(["", "partial", "old"]))
+def test_temporary_names_parse_back(name, tag):
+    """Every atomic writer names its temporary sibling through paths.temporary; the sweep reads the target and
+    the writer's pid back from it, whatever dots or dashes the target's own name holds."""
+    from pathlib import Path
+
+    tmp = paths.temporary(Path("/x") / name, tag)
+    assert tmp.parent == Path("/x")
+    assert paths._parse(tmp.name) == (name, tag, os.getpid())
+    assert paths.target_of(tmp.name) == name
+
+
+def test_stale_lists_only_dead_writers(tmp_path):
+    """A dead process's temporaries are stale, a live one's (ours) and unrelated files are not."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True)
+    pid = int(dead.stdout)
+    target = tmp_path / "a.b.png"
+    ours = paths.temporary(target, suffix=".tmp")
+    theirs = tmp_path / f".a.b.png.{pid}-0123abcd.tmp"
+    other = tmp_path / f".a.b.png.{pid}-0123abcd"        # not the suffix asked for
+    unrelated = tmp_path / f".c.png.{pid}-0123abcd.tmp"  # another target
+    for p in (ours, theirs, other, unrelated):
+        p.write_bytes(b"")
+    assert paths.stale(target, suffix=".tmp") == [theirs]
+    old = tmp_path / f".m.old-{pid}-ff"
+    old.mkdir()
+    assert store.leftovers(tmp_path / "m") == [old]
