@@ -39,8 +39,8 @@ DEFAULT = "default"  # the model name of the packaged model (the bare word; a fo
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default_model"  # package data, filled at release
 
 # safetensors dtype tags -> bytes per element (the header gives shapes and byte offsets)
-_DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-                "BOOL": 1}
+_DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8,
+                "U32": 4, "U16": 2, "U8": 1, "BOOL": 1}
 
 
 @dataclass(frozen=True)
@@ -131,8 +131,11 @@ def flat_about(about: dict, prefix: str = "") -> list[tuple[str, str]]:
 def read_header(path: str | os.PathLike) -> dict[str, TensorInfo]:
     """Names, shapes and dtypes of a safetensors file, without reading the tensors.
 
-    Also checks that the file holds every byte its header points to, so a truncated download or copy is
-    reported here, naming the file, and not as a crash halfway through loading.
+    The header is checked as safetensors itself checks it (a JSON object of {dtype, shape, data_offsets}
+    entries, a string-to-string `__metadata__`, the tensors' bytes back to back from 0 covering the rest of the
+    file exactly), and against the dtypes this package reads, so that no file reaches a backend's loader that it
+    would reject with a traceback (or worse); a truncated download or copy is reported here, naming the file,
+    and not as a crash halfway through loading.
     """
     path = Path(path)
     if not path.is_file():
@@ -144,25 +147,58 @@ def read_header(path: str | os.PathLike) -> dict[str, TensorInfo]:
             if size < 8 or n <= 0 or 8 + n > size:
                 raise ValueError("header length past the end of the file")
             header = json.loads(f.read(n))
-    except (OSError, ValueError, UnicodeDecodeError) as e:
+        entries = _header_entries(header)
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError) as e:
         raise Dalle2Error(f"weight file {str(path)!r} is not a readable safetensors file ({e}); "
                           "re-convert or re-download it") from None
-    header.pop("__metadata__", None)
     out: dict[str, TensorInfo] = {}
     end = 0
-    for name, entry in header.items():
-        shape, dtype = tuple(entry["shape"]), entry["dtype"]
-        begin, stop = entry["data_offsets"]
-        expected = int(np.prod(shape, dtype=np.int64)) * _DTYPE_SIZES.get(dtype, 0)
-        if _DTYPE_SIZES.get(dtype) and stop - begin != expected:
+    for name, (shape, dtype, begin, stop) in sorted(entries.items(), key=lambda e: e[1][2:]):
+        if begin != end:
+            raise Dalle2Error(f"weight file {str(path)!r}: tensor {name!r} starts at byte {begin}, not at {end} "
+                              "where the data before it ends; the file is corrupt, re-convert or re-download it")
+        expected = int(np.prod(shape, dtype=object)) * _DTYPE_SIZES[dtype]
+        if stop - begin != expected:
             raise Dalle2Error(f"weight file {str(path)!r}: tensor {name!r} has {stop - begin} bytes for shape "
                               f"{list(shape)} {dtype}; the file is corrupt, re-convert it")
-        end = max(end, stop)
+        end = stop
         out[name] = TensorInfo(shape, dtype)
     if 8 + n + end > size:
         raise Dalle2Error(f"weight file {str(path)!r} is truncated ({size} bytes, its header needs "
                           f"{8 + n + end}); re-convert or re-download it")
+    if 8 + n + end < size:
+        raise Dalle2Error(f"weight file {str(path)!r} has {size - 8 - n - end} bytes after its last tensor; the "
+                          "file is corrupt, re-convert or re-download it")
+    return {name: out[name] for name in entries}  # the file's own order
+
+
+def _header_entries(header) -> dict[str, tuple[tuple[int, ...], str, int, int]]:
+    """{name: (shape, dtype, begin, end)} of a parsed safetensors header; ValueError naming what is wrong."""
+    if not isinstance(header, dict):
+        raise ValueError("its header is not a JSON object")
+    meta = header.get("__metadata__", {})
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise ValueError("its __metadata__ is not a map of strings")
+    out = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
+            raise ValueError(f"tensor {name!r} lacks dtype, shape or data_offsets")
+        shape, dtype, offsets = entry["shape"], entry["dtype"], entry["data_offsets"]
+        if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+            raise ValueError(f"tensor {name!r} has shape {shape!r}, not a list of sizes")
+        if not isinstance(dtype, str) or dtype not in _DTYPE_SIZES:
+            raise ValueError(f"tensor {name!r} has dtype {dtype!r}; readable are {', '.join(_DTYPE_SIZES)}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_count, offsets))
+                and offsets[0] <= offsets[1]):
+            raise ValueError(f"tensor {name!r} has data_offsets {offsets!r}, not [begin, end]")
+        out[name] = (tuple(shape), dtype, offsets[0], offsets[1])
     return out
+
+
+def _is_count(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 2**63
 
 
 MODEL_FIX = "the file does not match its config in model.json; re-convert the model with `dalle2 convert`"
@@ -196,15 +232,16 @@ def component_path(model_dir: str | os.PathLike, spec: ModelSpec, name: str) -> 
 
 
 def validate(model_dir: str | os.PathLike, spec: ModelSpec, shapes_of, names=None) -> None:
-    """Check the component files (`names`, default all) against `shapes_of(type, config) -> {name: shape}`,
-    reading only their headers, then their checksums (with the tokenizer's for the text encoder): call it
-    before allocating anything."""
+    """Check the component files (`names`, default all) against their recorded checksums (with the
+    tokenizer's for the text encoder), then against `shapes_of(type, config) -> {name: shape}`, reading only
+    their headers: call it before allocating anything. Checksums first: a changed file is then reported as
+    changed, with the fix for where it came from, whatever its header reads."""
     names = list(spec.components if names is None else names)
+    verify_checksums(model_dir, spec, names)
     for name in names:
         comp = spec.components[name]
         path = component_path(model_dir, spec, name)
         check_tensors(read_header(path), shapes_of(comp.type, comp.config), path)
-    verify_checksums(model_dir, spec, names)
 
 
 def is_default_model(model_dir: str | os.PathLike) -> bool:
