@@ -60,7 +60,8 @@ class UnCLIPOutput:
     row); image_embeddings (N, D): the CLIP image embeddings the decoder was conditioned on; decoder_samples
     (N, 3, h, w) and samples (N, 3, H, W): the 64 px and final images as float32 in [-1, 1]; captions: the
     caption each image's decoder saw ("" for image-driven verbs); settings: everything needed to reproduce the
-    call (verb, seed, steps, guidance, samplers, model, backend); scores: CLIP similarities (rerank only)."""
+    call (verb, seed, steps, guidance, samplers, model, backend); scores: CLIP similarities (rerank only);
+    prompts: each image's prompt as given (text verbs; differs from its caption when the prompt was cut)."""
 
     images: list[Image.Image]
     image_embeddings: np.ndarray
@@ -69,14 +70,19 @@ class UnCLIPOutput:
     captions: list[str]
     settings: dict = field(default_factory=dict)
     scores: np.ndarray | None = None
+    prompts: list[str] | None = None
 
     def __len__(self) -> int:
         return len(self.images)
 
     def metadata(self, i: int) -> dict[str, str]:
-        """PNG text metadata for image i: the caption its decoder saw ("prompt"), the call's settings (seed,
+        """PNG text metadata for image i: its prompt as given ("prompt": the same prompt regenerates it), the
+        part of it the model saw when the tokenizer's window cut it ("prompt_seen"), the call's settings (seed,
         model, revision, backend, steps, guidance, samplers), and its rerank score if any."""
-        meta = {"prompt": self.captions[i], "index": str(i)}
+        prompt = self.prompts[i] if self.prompts else self.captions[i]
+        meta = {"prompt": prompt, "index": str(i)}
+        if prompt != self.captions[i]:
+            meta["prompt_seen"] = self.captions[i]
         meta.update({k: str(v) for k, v in self.settings.items() if v is not None and k != "candidate_indices"})
         if "candidate_indices" in self.settings:  # rerank: which of the generated candidates this image is
             meta["candidate"] = str(self.settings["candidate_indices"][i])
@@ -88,7 +94,8 @@ class UnCLIPOutput:
         order = list(order)
         return UnCLIPOutput([self.images[i] for i in order], self.image_embeddings[order],
                             self.decoder_samples[order], self.samples[order], [self.captions[i] for i in order],
-                            dict(self.settings), None if self.scores is None else self.scores[order])
+                            dict(self.settings), None if self.scores is None else self.scores[order],
+                            None if self.prompts is None else [self.prompts[i] for i in order])
 
 
 def tqdm_progress(iterable, stage: str, total: int):
@@ -219,6 +226,7 @@ class Pipeline:
         captions = [p for p in self.clip.as_encoded(prompts) for _ in range(num_images)]  # what the model saw
         out = self._decode("generate", embeddings, text, captions, stages, noise, False, seed)
         out.settings["num_images"] = num_images
+        out.prompts = [p for p in prompts for _ in range(num_images)]
         return out
 
     @diffusers_names

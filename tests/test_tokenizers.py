@@ -15,6 +15,8 @@ import shutil
 import numpy as np
 import pytest
 import sentencepiece as spm
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from builders import SYLLABLES, added_token as _added, hub_tokenizer_files, write_clip_vocab
 from dalle2_portable.convert.files import tokenizer_config_from_hf, write_tokenizer_files
@@ -232,3 +234,25 @@ def test_sentencepiece_truncations(tmp_path):
     tok = load_tokenizer(tmp_path / "sp", TokenizerConfig("sentencepiece", 8, "<pad>"))
     long = " ".join(["theaner"] * 20)
     assert tok.truncations(["the cat", long]) == [None, sp.decode(sp.encode(long)[:6])]
+
+
+@pytest.fixture(scope="module")
+def both_tokenizers(hub_dirs):
+    """pad -> (ours, transformers'), each built once for the generated texts below."""
+    return {pad: (load_tokenizer(d[0], tokenizer_config_from_hf(d[0])), CLIPTokenizer.from_pretrained(d[0]))
+            for pad, d in hub_dirs.items()}
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=st.text(st.characters(blacklist_categories=("Cs",)), max_size=40)
+       | st.lists(st.sampled_from(["a", "red", "circle", "!", "<|endoftext|>", "'s", " ", "\t", "é", "🙂", "ﬁ",
+                                   "\u0301", "\u200b", "İ", "ß", "12", "..."]), max_size=30).map("".join),
+       pad=st.sampled_from(["<|endoftext|>", "!"]))
+def test_any_text_tokenises_as_transformers_does(both_tokenizers, text, pad):
+    """Any prompt at all (hypothesis: any Unicode text, and runs of the tricky pieces) gets transformers' ids,
+    attention mask and truncation."""
+    ours, ref = both_tokenizers[pad]
+    enc = ref([text], padding="max_length", max_length=77, truncation=True)
+    ids, mask = ours.encode_with_mask([text])
+    assert ids[0].tolist() == enc["input_ids"][0], text
+    assert mask[0].tolist() == enc["attention_mask"][0], text
