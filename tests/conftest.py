@@ -135,6 +135,7 @@ RUNS_ON = {
     "test_convert_karlo.py::test_model_json_records_schedulers_tokenizer_and_defaults": ("first",),
     "test_convert_karlo.py::test_variations_pipeline": ("first",),
     "test_convert_karlo.py::test_hub_id_offline_converts_once_and_caches": ("first",),
+    "test_convert_karlo.py::test_a_terminal_sees_a_progress_bar_over_every_source_byte": ("first",),
     "test_convert_karlo.py::test_model_directory_on_the_hub_downloads_what_its_model_json_names": ("first",),
     "test_convert_karlo.py::test_hub_downloads_are_pinned_and_bin_only_where_no_safetensors": ("first",),
     "test_sampling.py::test_models_are_well_conditioned": ("torch",),

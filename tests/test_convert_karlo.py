@@ -267,3 +267,37 @@ def test_mismatched_weights_name_the_tensor(karlo, tmp_path):
     shutil.copy(src / "super_res_first" / "diffusion_pytorch_model.safetensors",
                 src / "decoder" / "diffusion_pytorch_model.safetensors")
     _fail(src, tmp_path, "diffusion_pytorch_model.safetensors")
+
+
+@pytest.mark.parametrize("form", ["safetensors", "bin"])
+def test_a_terminal_sees_a_progress_bar_over_every_source_byte(karlo, tmp_path, monkeypatch, form):
+    """On a terminal, converting shows one bar over the source's tensor bytes (safetensors headers, or the .bin
+    files' sizes), and every byte is counted once; off a terminal nothing is drawn."""
+    import contextlib
+    import io
+    import sys
+
+    weights = sys.modules["dalle2_portable.convert.weights"]
+    converting = sys.modules["dalle2_portable.convert"]
+    seen = []
+
+    @contextlib.contextmanager
+    def spy(total, desc):
+        with weights.conversion_progress(total, desc) as bar:
+            yield bar
+            seen.append((bar.n, bar.total, bar.disable))
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setattr(converting, "conversion_progress", spy)
+    screen = Terminal()
+    monkeypatch.setattr(sys, "stderr", screen)
+    d2.convert(karlo[form], tmp_path / "tty")
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    d2.convert(karlo[form], tmp_path / "pipe")
+    (n, total, disabled), (_, _, off) = seen
+    assert not disabled and off and total > 0
+    assert n == total
+    assert "converting" in screen.getvalue() and "B/s" in screen.getvalue()

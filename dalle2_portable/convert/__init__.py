@@ -26,6 +26,7 @@ from . import clip as clip_layout
 from . import karlo as karlo_layout
 from .files import read_json
 from .hub import Snapshot, download, snapshot
+from .weights import conversion_progress, source_bytes
 
 # layout name -> its converter module (LAYOUT, CONFIG_PATTERNS, weight_folders, and the converting function)
 _LAYOUTS = {clip_layout.LAYOUT: clip_layout, karlo_layout.LAYOUT: karlo_layout}
@@ -101,7 +102,9 @@ def _convert_into(probed: Probe, out_dir: Path, dtype: str, overwrite: bool, var
         if missing:
             snap = download(snap.repo, snap.revision, patterns + _weight_patterns(missing, "bin", variant))
     source = Source(repo=snap.repo, revision=snap.revision, layout=probed.layout)
-    with store.atomic_directory(out_dir, overwrite=overwrite) as tmp:
+    total = sum(source_bytes(snap.path / k, *stems, variant) for k, stems in probed.weights.items())
+    with store.atomic_directory(out_dir, overwrite=overwrite) as tmp, \
+            conversion_progress(total, f"converting {snap.repo or snap.path.name}"):
         if probed.layout == karlo_layout.LAYOUT:
             return karlo_layout.convert_karlo(snap.path, tmp, source, dtype, variant)
         return clip_layout.convert_clip(snap.path, tmp, source, dtype, variant)

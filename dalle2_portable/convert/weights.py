@@ -6,6 +6,8 @@ Safetensors are opened with `safe_open` and read one tensor at a time. `.bin` fi
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import logging
 from pathlib import Path
@@ -19,6 +21,48 @@ from ..errors import Dalle2Error
 
 
 REOPEN_BYTES = 256 * 2**20  # see Checkpoint._handle
+_PROGRESS = contextvars.ContextVar("conversion_progress", default=None)  # the bar Checkpoint.get advances
+
+
+@contextlib.contextmanager
+def conversion_progress(total_bytes: int, desc: str):
+    """A bar on stderr over the source bytes read while converting (on a terminal only: tqdm's disable=None),
+    advanced by every `Checkpoint.get` inside the block."""
+    from tqdm import tqdm
+
+    with tqdm(total=total_bytes, desc=desc, unit="B", unit_scale=True, disable=None, leave=False) as bar:
+        token = _PROGRESS.set(bar)
+        try:
+            yield bar
+        finally:
+            _PROGRESS.reset(token)
+
+
+def source_bytes(folder: str | Path, stem: str, bin_stem: str | None = None, variant: str | None = None) -> int:
+    """The tensor bytes a Checkpoint of `folder` reads: from the safetensors headers, else the .bin files'
+    sizes (0 when the folder has neither: the converter then says what is missing)."""
+    v = f".{variant}" if variant else ""
+    files = shards(Path(folder), f"{stem}{v}.safetensors")
+    if files:
+        return sum(info.nbytes for f in files for info in store.read_header(f).values())
+    return sum(f.stat().st_size for f in shards(Path(folder), f"{bin_stem or stem}{v}.bin"))
+
+
+def shards(folder: Path, filename: str) -> list[Path]:
+    """`folder/filename`, or the shards its `.index.json` lists; [] when there is neither."""
+    single = folder / filename
+    if single.is_file():
+        return [single]
+    index = folder / f"{filename}.index.json"
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            if not all(isinstance(n, str) and n for n in names):
+                raise ValueError("a shard name is not a string")
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise Dalle2Error(f"cannot read shard index {str(index)!r} ({e}); re-download it") from None
+        return [folder / n for n in names]
+    return []
 
 
 def _torch():
@@ -44,19 +88,21 @@ class Checkpoint:
         self._handles: dict[tuple[Path, str], object] = {}
         self._served = 0  # bytes read through the open handles
         self._infos: dict[str, store.TensorInfo] = {}
-        st = self._shards(f"{stem}{v}.safetensors")
+        st = shards(self.folder, f"{stem}{v}.safetensors")
         if st:
             for f in st:
                 for name, info in store.read_header(f).items():  # checks for truncation up front
                     self._files[name], self._infos[name] = f, info
         else:
-            bins = self._shards(f"{bin_stem}{v}.bin")
+            bins = shards(self.folder, f"{bin_stem}{v}.bin")
             if not bins:
                 raise Dalle2Error(f"no weights in {str(self.folder)!r}: expected {stem}{v}.safetensors or "
                                   f"{bin_stem}{v}.bin; {self._variant_hint(stem, bin_stem, variant)}")
             for f in bins:
                 sd = self._load_bin(f)
                 self._bins[f] = sd
+                if _PROGRESS.get() is not None:
+                    _PROGRESS.get().update(f.stat().st_size)
                 for name, t in sd.items():
                     self._files[name] = f
                     self._infos[name] = store.TensorInfo(tuple(t.shape), str(t.dtype))
@@ -70,19 +116,6 @@ class Checkpoint:
             return f"the folder holds variant files ({', '.join(found)}): pass --variant {found[0]}" + (
                 "" if variant is None else " or check the variant name")
         return "check the source folder or download it completely"
-
-    def _shards(self, filename: str) -> list[Path]:
-        single = self.folder / filename
-        if single.is_file():
-            return [single]
-        index = self.folder / f"{filename}.index.json"
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (ValueError, KeyError) as e:
-                raise Dalle2Error(f"cannot read shard index {str(index)!r} ({e}); re-download it") from None
-            return [self.folder / f for f in sorted(set(weight_map.values()))]
-        return []
 
     @staticmethod
     def _load_bin(path: Path) -> dict:
@@ -119,6 +152,13 @@ class Checkpoint:
 
     def get(self, name: str) -> np.ndarray:
         """One tensor as a NumPy array (bfloat16 is widened to float32, which holds it exactly)."""
+        array = self._get(name)
+        bar = _PROGRESS.get()
+        if bar is not None and self._files[name] not in self._bins:  # a .bin counts whole, when it is read
+            bar.update(self._infos[name].nbytes)
+        return array
+
+    def _get(self, name: str) -> np.ndarray:
         path = self._files[name]
         if path in self._bins:
             t = self._bins[path][name]
