@@ -16,11 +16,14 @@
 # CPU thread each (on 2 cores this beats running them one after the other at 2 threads each; a stage left alone,
 # e.g. on a resume after the other finished, gets both);
 # scripts/package_default_model.py then joins them. The seconds each stage took go to RUNS_DIR/times.txt.
+# SMOKE=1 checks the wiring alone (tests/test_recipe.py): every stage 2 steps on 64 items.
 set -euo pipefail
 OUT=${1:-runs/default}
 BACKEND=${BACKEND:-torch}
 DATA=(--data shapes --seed 0)
-ITEMS=(--data-size 50000)
+steps() { if [ "${SMOKE:-0}" = 1 ]; then echo 2; else echo "$1"; fi; }
+items() { if [ "${SMOKE:-0}" = 1 ]; then echo 64; else echo "$1"; fi; }
+ITEMS=(--data-size "$(items 50000)")
 mkdir -p "$OUT"
 
 finished() {  # finished NAME: OUT/NAME has its model, written after its last checkpoint
@@ -55,17 +58,17 @@ cat > "$OUT/sr.json" <<'JSON'
  "up_block_types": ["ResnetUpsampleBlock2D", "ResnetUpsampleBlock2D", "ResnetUpsampleBlock2D"]}}
 JSON
 
-stage clip clip "${ITEMS[@]}" --config tiny --image-size 32 --steps 6000 --batch-size 64 --lr 1e-3 --warmup 100 \
+stage clip clip "${ITEMS[@]}" --config tiny --image-size 32 --steps "$(steps 6000)" --batch-size 64 --lr 1e-3 --warmup 100 \
   --checkpoint-every 500
-stage prior prior "${ITEMS[@]}" -m "$OUT/clip/model" --config "$OUT/prior.json" --steps 20000 --batch-size 64 --lr 1e-3 \
+stage prior prior "${ITEMS[@]}" -m "$OUT/clip/model" --config "$OUT/prior.json" --steps "$(steps 20000)" --batch-size 64 --lr 1e-3 \
   --warmup 100 --checkpoint-every 2000
 if ! finished decoder && ! finished sr; then export OMP_NUM_THREADS=1 THREADS=1; fi
 stage decoder decoder "${ITEMS[@]}" -m "$OUT/prior/model" --config "$OUT/decoder.json" --image-size 32 \
-  --prediction v_prediction --min-snr-gamma 5 --steps 5500 --batch-size 32 --lr 1e-3 --warmup 200 \
+  --prediction v_prediction --min-snr-gamma 5 --steps "$(steps 5500)" --batch-size 32 --lr 1e-3 --warmup 200 \
   --checkpoint-every 250 --quiet &
 decoder=$!
-stage sr super-res --data-size 5000 -m "$OUT/prior/model" --config "$OUT/sr.json" --image-size 64 --low-size 32 \
-  --sr-noise 0.05 --prediction v_prediction --min-snr-gamma 5 --steps 3000 --batch-size 32 --lr 1e-3 --warmup 100 \
+stage sr super-res --data-size "$(items 5000)" -m "$OUT/prior/model" --config "$OUT/sr.json" --image-size 64 --low-size 32 \
+  --sr-noise 0.05 --prediction v_prediction --min-snr-gamma 5 --steps "$(steps 3000)" --batch-size 32 --lr 1e-3 --warmup 100 \
   --checkpoint-every 250 &
 sr=$!
 failed=0

@@ -190,6 +190,7 @@ RUNS_ON = {
     "test_errors_prompts.py::test_a_long_prompt_warns_and_records_what_was_used": ("torch",),
     "test_errors_prompts.py::test_the_cli_prints_one_warning_line_and_the_png_keeps_the_used_prompt": ("torch",),
     "test_errors_prompts.py::test_any_prompt_generates_or_is_one_line": ("torch",),
+    "test_recipe.py::test_the_recipe_trains_resumes_and_packages": ("torch",),
     **{f"test_errors_numbers.py::{t}": ("torch",) for t in (
         "test_a_bad_seed_is_one_line_in_the_cli", "test_non_finite_guidance_in_the_cli",
         "test_a_stage_that_goes_non_finite_names_itself_and_saves_nothing",
@@ -226,6 +227,7 @@ SLOW = (
     "test_errors_model_json.py::test_generated_model_json_documents_are_loaded_or_one_line",  # 100 documents, ~12 s
     "test_errors_safetensors.py::test_any_broken_weight_file_is_one_line*",  # 60 files per backend, ~13 s
     "test_errors_prompts.py::test_any_prompt_generates_or_is_one_line",  # 15 generations, ~10 s
+    "test_recipe.py::test_the_recipe_trains_resumes_and_packages",  # every stage trained for 2 steps, ~60 s
     # real signals to real subprocesses (~4 s each), and whole generations through the CLI
     "test_errors_interrupts.py::test_a_caught_signal_leaves_nothing*",
     "test_errors_interrupts.py::test_sigkill_leaves_a_folder_the_next_run_sweeps",
