@@ -54,21 +54,27 @@ def folder(models, tmp_path_factory):
 @st.composite
 def broken(draw, doc):
     doc = copy.deepcopy(doc)
-    paths = [p for p, _ in _paths(doc) if p and p[0] != "files"]  # "files" has its own test (test_store.py)
+    mutate(draw, doc, [p for p, _ in _paths(doc) if p and p[0] != "files"])  # "files": its own test (test_store)
+    return doc
+
+
+def mutate(draw, doc, paths) -> None:
+    """One change at one of `paths` of `doc`, in place: its value replaced by any JSON value, it deleted, or a
+    key (a list item) added beside it."""
     path = draw(st.sampled_from(paths))
     action = draw(st.sampled_from(["replace", "delete", "add"]))
     if action == "replace":
         _set(doc, path, draw(JSON_VALUES))
-    elif action == "delete" and not isinstance(path[-1], int):
+    elif action == "delete":
         _delete(doc, path)
     else:
-        parent = path[:-1]
         target = doc
-        for k in parent:
+        for k in path[:-1]:
             target = target[k]
         if isinstance(target, dict):
             target[draw(st.text(min_size=1, max_size=6))] = draw(JSON_VALUES)
-    return doc
+        else:
+            target.append(draw(JSON_VALUES))
 
 
 def test_generated_model_json_documents_are_loaded_or_one_line(original, folder):
