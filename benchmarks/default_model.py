@@ -5,11 +5,12 @@ one image and a batch of 8, against the targets (<= 2 s and <= 8 s on 2 CPU core
 
 Each row runs in its own process (one backend per process, as the other benchmarks): it loads the model, runs
 one warm-up generation, then times --repeat generations of "a red circle" (batch 1) or 8 prompts (batch 8) and
-reports the best, with the process's peak RSS. The last column is the largest pixel difference (of 255) of the
+reports the best, with the process's peak RSS and the speed of a 1024 x 1024 float32 matmul on the same backend
+(GFLOP/s, best of 10): timings from machines of different speed compare through that column. The last column is the largest pixel difference (of 255) of the
 row's batch-8 images against the first backend's: the same seed must give the same picture.
-No peer runs this model: diffusers' UnCLIPPipeline samples with UnCLIPScheduler only, which has neither the
-DDIM sampler the model ships with nor v prediction (its decoder's and upsampler's training target), so its
-speed ratios live in benchmarks/generate_speed.py, on Karlo's own objective.
+No peer runs this model: diffusers' UnCLIPPipeline samples with UnCLIPScheduler only, which has no v prediction
+(the decoder's and upsampler's training target) and no DDIM (the upsampler's shipped sampler), so its speed
+ratios live in benchmarks/generate_speed.py, on Karlo's own objective.
 """
 
 from __future__ import annotations
@@ -41,11 +42,38 @@ for batch in (1, 8):
         out = pipe.generate({prompts!r}[:batch], seed=0)
         best = min(best, time.perf_counter() - t)
     times[batch] = best
+gflops = 0.0
+a = np.random.default_rng(0).standard_normal((1024, 1024), dtype=np.float32)
+if {backend!r} == "torch":
+    import torch
+    x = torch.from_numpy(a)
+    run = lambda: x @ x
+else:
+    import mlx.core as mx
+    x = mx.array(a)
+    run = lambda: mx.eval(x @ x)
+run()
+for _ in range(10):
+    t = time.perf_counter()
+    run()
+    gflops = max(gflops, 2 * 1024**3 / (time.perf_counter() - t) / 1e9)
 np.save({out!r}, np.stack([np.asarray(im) for im in out.images]))
 size = out.images[0].size[0]
-print(json.dumps(dict(load=load, one=times[1], eight=times[8], size=size, defaults=pipe.defaults.to_dict(),
-                      rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)))
+print(json.dumps(dict(load=load, one=times[1], eight=times[8], size=size, gflops=gflops,
+                      defaults=pipe.defaults.to_dict(), rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)))
 """
+
+
+def cpu_name() -> str:
+    """The CPU's model name (Linux), else the platform's processor string."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+    return platform.processor() or platform.machine()
 
 
 def main() -> None:
@@ -76,14 +104,14 @@ def main() -> None:
     print(f"\n{args.model} model, {first['size']} px, prior {d['prior_steps']} steps ({d['prior_sampler']}, "
           f"guidance {d['prior_guidance']}), decoder {d['decoder_steps']} ({d['decoder_sampler']}, guidance "
           f"{d['decoder_guidance']}), super-res {d['super_res_steps']} ({d['super_res_sampler']}); "
-          f"{os.cpu_count()} CPU cores, threads {args.threads or 'default'}, best of {args.repeat}\n")
+          f"{os.cpu_count()} CPU cores ({cpu_name()}), threads {args.threads or 'default'}, best of {args.repeat}\n")
     print("| backend | load s | 1 image s (target 2) | batch of 8 s (target 8) | s per image at 8 | peak RSS GiB "
-          "| max pixel diff vs first |")
-    print("|---|---|---|---|---|---|---|")
+          "| matmul GFLOP/s | max pixel diff vs first |")
+    print("|---|---|---|---|---|---|---|---|")
     for backend, r in rows.items():
         diff = np.abs(r["images"] - first["images"]).max()
         print(f"| {backend} | {r['load']:.2f} | {r['one']:.2f} | {r['eight']:.2f} | {r['eight'] / 8:.2f} | "
-              f"{r['rss']:.2f} | {diff}/255 |")
+              f"{r['rss']:.2f} | {r['gflops']:.0f} | {diff}/255 |")
 
 
 if __name__ == "__main__":

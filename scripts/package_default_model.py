@@ -51,6 +51,19 @@ def assemble(decoder: Path, sr: Path, out: Path, defaults: dict) -> Path:
     return out
 
 
+def eval_about(path: Path) -> dict:
+    """The `about` entries of a `dalle2 eval --json` report: per backend, the grid's accuracy per phrasing kind
+    and the checks' rates, with the seeds they were measured at."""
+    about = {}
+    for report in json.loads(path.read_text())["reports"]:
+        backend = report["backend"]
+        for kind, rates in report["accuracy"].items():
+            about[f"accuracy.{backend}.{kind}"] = {k: round(v["rate"], 4) for k, v in rates.items()}
+        about[f"accuracy.{backend}.checks"] = {k: round(v["rate"], 4) for k, v in report["checks"].items()}
+        about[f"accuracy.{backend}.seeds"] = len(report["settings"]["seeds"])
+    return about
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", type=Path)
@@ -79,9 +92,7 @@ def main() -> None:
         if stage in times:
             about[f"{stage}.train_seconds"] = times[stage]
     if args.eval:
-        for report in json.loads(args.eval.read_text())["reports"]:
-            for kind, rates in report["accuracy"].items():
-                about[f"accuracy.{report['backend']}.{kind}"] = {k: round(v["rate"], 4) for k, v in rates.items()}
+        about.update(eval_about(args.eval))
     with store.atomic_directory(args.out, overwrite=True) as tmp:
         shutil.copytree(source, tmp, dirs_exist_ok=True)  # its model.json is rewritten below
         spec = dataclasses.replace(spec, source=Source("dalle2_portable default", None, "dalle2_portable"))
