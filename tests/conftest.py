@@ -202,6 +202,10 @@ RUNS_ON = {
 # fast tier (`-m "not slow"`) keeps the float32 parity of every component against its reference (CLIP towers,
 # prior, text_proj, decoder, super-res, scheduler), MLX vs PyTorch in float32, and generate against diffusers.
 SLOW = (
+    "test_modules.py::test_mx_compile_runs_the_tree",  # ~10 s of MLX compilation
+    "test_train_decoder.py::test_fine_tuning_the_decoder_lowers_the_loss_and_decodes",  # the fast tier keeps
+    "test_train_super_res.py::test_fine_tuning_lowers_the_loss_and_from_scratch_replaces_both_upsamplers",  # each
+    "test_train_loop.py::test_checkpoint_resumes_on_the_other_backend",  # stage's five-step runs on both backends
     "test_train_clip.py::test_clip_from_scratch_learns_the_shapes",
     "test_train_karlo.py::test_fine_tuning_karlo_on_ten_pictures",
     "test_train_settings.py::test_previews_go_through_the_pipeline",
