@@ -101,8 +101,9 @@ class Checkpoint:
             for f in bins:
                 sd = self._load_bin(f)
                 self._bins[f] = sd
-                if _PROGRESS.get() is not None:
-                    _PROGRESS.get().update(f.stat().st_size)
+                bar = _PROGRESS.get()
+                if bar is not None:
+                    bar.update(f.stat().st_size)
                 for name, t in sd.items():
                     self._files[name] = f
                     self._infos[name] = store.TensorInfo(tuple(t.shape), str(t.dtype))
