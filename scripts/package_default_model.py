@@ -2,9 +2,10 @@
 
     python scripts/package_default_model.py runs/default [--eval eval.json] [--prior-steps 25 ...]
 
-The recipe trains the decoder and the upsampler side by side, so the model is assembled here: RUNS/model is
-RUNS/decoder/model (both CLIP towers, their tokenizer, the prior, text_proj, the decoder) with the upsampler of
-RUNS/sr/model (which must upsample from the decoder's size) and the sampling defaults it ships with. That
+The recipe trains the prior, the decoder and the upsampler side by side, so the model is assembled here:
+RUNS/model is RUNS/decoder/model (both CLIP towers, their tokenizer, text_proj, the decoder) with the prior of
+RUNS/prior/model, the upsampler of RUNS/sr/model (which must upsample from the decoder's size) and the sampling
+defaults it ships with. That
 directory is then copied into dalle2_portable/default_model (atomically) with its "about" block (the recipe,
 each stage's steps and measured seconds from RUNS/times.txt, the data, and the accuracy table of
 `dalle2 eval RUNS/model --json` if given) and the checksums that loading verifies (store.write_spec).
@@ -20,7 +21,7 @@ import shutil
 from pathlib import Path
 
 from dalle2_portable import store
-from dalle2_portable.spec import Source
+from dalle2_portable.spec import COMPONENT_NAMES, Source
 
 LIMIT = 20 * 2**20
 STAGES = ("clip", "prior", "decoder", "sr")
@@ -31,20 +32,26 @@ SAMPLING = {"prior_steps": 25, "prior_guidance": 1.0, "prior_sampler": "ancestra
             "decoder_guidance": 1.0, "decoder_sampler": "ancestral", "super_res_steps": 7, "super_res_sampler": "ddim"}
 
 
-def assemble(decoder: Path, sr: Path, out: Path, defaults: dict) -> Path:
-    """`out`: the decoder's model with the upsampler, the upsampler's scheduler and `defaults` (sampling)."""
+def assemble(decoder: Path, sr: Path, out: Path, defaults: dict, prior: Path | None = None) -> Path:
+    """`out`: the decoder's model with the upsampler, the upsampler's scheduler and `defaults` (sampling), and
+    the prior of the model `prior` (with its scheduler) when the decoder's model has none."""
     spec, sr_spec = store.read_spec(decoder), store.read_spec(sr)
     low, size = sr_spec.defaults.decoder_sample_size, spec.components["decoder"].config.sample_size
     if low != size:
         raise SystemExit(f"error: {sr} upsamples from {low} px, the decoder in {decoder} makes {size} px; train "
                          f"the upsampler with --low-size {size}")
-    upsampler = sr_spec.components["super_res_first"]
+    parts = {"super_res_first": (sr, sr_spec, "super_res")}
+    if prior is not None and "prior" not in spec.components:
+        parts["prior"] = (prior, store.read_spec(prior), "prior")
+    components, schedulers = dict(spec.components), dict(spec.schedulers)
     with store.atomic_directory(out, overwrite=True) as tmp:
         shutil.copytree(decoder, tmp, dirs_exist_ok=True)
-        shutil.copyfile(sr / upsampler.weights, tmp / upsampler.weights)
+        for name, (folder, part, scheduler) in parts.items():
+            components[name] = part.components[name]
+            schedulers[scheduler] = part.schedulers[scheduler]
+            shutil.copyfile(folder / components[name].weights, tmp / components[name].weights)
         spec = dataclasses.replace(
-            spec, components={**spec.components, "super_res_first": upsampler},
-            schedulers={**spec.schedulers, "super_res": sr_spec.schedulers["super_res"]},
+            spec, components={k: components[k] for k in COMPONENT_NAMES if k in components}, schedulers=schedulers,
             defaults=dataclasses.replace(spec.defaults, **defaults,
                                          super_res_sample_size=sr_spec.defaults.super_res_sample_size))
         store.write_spec(tmp, spec)
@@ -73,7 +80,8 @@ def main() -> None:
         ap.add_argument("--" + option.replace("_", "-"), type=type(default), default=default)
     args = ap.parse_args()
     defaults = {k: getattr(args, k) for k in SAMPLING}
-    source = assemble(args.runs / "decoder" / "model", args.runs / "sr" / "model", args.runs / "model", defaults)
+    source = assemble(args.runs / "decoder" / "model", args.runs / "sr" / "model", args.runs / "model", defaults,
+                      prior=args.runs / "prior" / "model")
     spec = store.read_spec(source)
     size = sum(p.stat().st_size for p in source.rglob("*") if p.is_file())
     if size > LIMIT:

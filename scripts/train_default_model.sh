@@ -12,9 +12,9 @@
 #             8 x 8 only), v prediction, min-SNR-5 weights, Karlo's learned variance
 #   sr        32 -> 64 px upsampler (16/32/64 channels), v prediction, min-SNR-5, noise-augmented conditioning;
 #             5000 items are plenty (3/255 mean error on clean 32 px inputs)
-# The upsampler learns from the data's own 32 px images, not the decoder's, so the two train side by side, one
-# CPU thread each (on 2 cores this beats running them one after the other at 2 threads each; a stage left alone,
-# e.g. on a resume after the other finished, gets both);
+# The prior and the decoder need only CLIP's embeddings and the upsampler learns from the data's own 32 px
+# images (not the decoder's), so after CLIP the three train side by side, one CPU thread each (a stage left
+# alone, e.g. on a resume after the others finished, gets every thread);
 # scripts/package_default_model.py then joins them. The seconds each stage took go to RUNS_DIR/times.txt.
 # SMOKE=1 checks the wiring alone (tests/test_recipe.py): every stage 2 steps on 64 items.
 set -euo pipefail
@@ -60,19 +60,21 @@ JSON
 
 stage clip clip "${ITEMS[@]}" --config tiny --image-size 32 --steps "$(steps 6000)" --batch-size 64 --lr 1e-3 --warmup 100 \
   --checkpoint-every 500
-stage prior prior "${ITEMS[@]}" -m "$OUT/clip/model" --config "$OUT/prior.json" --steps "$(steps 20000)" --batch-size 64 --lr 1e-3 \
-  --warmup 100 --checkpoint-every 2000
-if ! finished decoder && ! finished sr; then export OMP_NUM_THREADS=1 THREADS=1; fi
-stage decoder decoder "${ITEMS[@]}" -m "$OUT/prior/model" --config "$OUT/decoder.json" --image-size 32 \
+left=0
+for name in prior decoder sr; do finished "$name" || left=$((left + 1)); done
+if [ "$left" -gt 1 ]; then export OMP_NUM_THREADS=1 THREADS=1; fi
+stage prior prior "${ITEMS[@]}" -m "$OUT/clip/model" --config "$OUT/prior.json" --steps "$(steps 20000)" --batch-size 64 \
+  --lr 1e-3 --warmup 100 --checkpoint-every 2000 --quiet &
+prior=$!
+stage decoder decoder "${ITEMS[@]}" -m "$OUT/clip/model" --config "$OUT/decoder.json" --image-size 32 \
   --prediction v_prediction --min-snr-gamma 5 --steps "$(steps 5500)" --batch-size 32 --lr 1e-3 --warmup 200 \
   --checkpoint-every 250 --quiet &
 decoder=$!
-stage sr super-res --data-size "$(items 5000)" -m "$OUT/prior/model" --config "$OUT/sr.json" --image-size 64 --low-size 32 \
-  --sr-noise 0.05 --prediction v_prediction --min-snr-gamma 5 --steps "$(steps 3000)" --batch-size 32 --lr 1e-3 --warmup 100 \
-  --checkpoint-every 250 &
+stage sr super-res --data-size "$(items 5000)" -m "$OUT/clip/model" --config "$OUT/sr.json" --image-size 64 \
+  --low-size 32 --sr-noise 0.05 --prediction v_prediction --min-snr-gamma 5 --steps "$(steps 3000)" --batch-size 32 \
+  --lr 1e-3 --warmup 100 --checkpoint-every 250 &
 sr=$!
 failed=0
-wait $decoder || failed=1
-wait $sr || failed=1
-[ $failed = 0 ] || { echo "error: the decoder or the upsampler stopped; run the script again to resume" >&2; exit 1; }
+for pid in $prior $decoder $sr; do wait "$pid" || failed=1; done
+[ $failed = 0 ] || { echo "error: a stage stopped; run the script again to resume" >&2; exit 1; }
 echo "the stages: $OUT; join them and put the model in the package with scripts/package_default_model.py $OUT"

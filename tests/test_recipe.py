@@ -23,12 +23,13 @@ def test_the_recipe_trains_resumes_and_packages(tmp_path):
                            capture_output=True, text=True)
     assert first.returncode == 0, first.stderr[-2000:]
     times = (runs / "times.txt").read_text().splitlines()
-    assert [t.split()[0] for t in times] == ["clip", "prior", "decoder", "sr"], times
+    names = [t.split()[0] for t in times]
+    assert names[0] == "clip" and sorted(names[1:]) == ["decoder", "prior", "sr"], times  # the three side by side
     again = subprocess.run(["bash", "scripts/train_default_model.sh", str(runs)], cwd=ROOT, env=env,
                            capture_output=True, text=True)
     assert again.returncode == 0, again.stderr[-2000:]
-    assert [line for line in again.stdout.splitlines() if line.endswith("/model)")] == [
-        f"{name}: done ({runs / name / 'model'})" for name in ("clip", "prior", "decoder", "sr")]
+    assert sorted(line for line in again.stdout.splitlines() if line.endswith("/model)")) == [
+        f"{name}: done ({runs / name / 'model'})" for name in ("clip", "decoder", "prior", "sr")]
     assert (runs / "times.txt").read_text().splitlines() == times  # nothing was trained again
 
     out = tmp_path / "model"
@@ -37,6 +38,10 @@ def test_the_recipe_trains_resumes_and_packages(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     about = json.loads((out / "model.json").read_text())["about"]
     assert about["prior.steps"] == 2 and about["sr.data"].startswith("shapes (seed 0, 64 items")
+    spec = d2.store.read_spec(out)  # the prior trained beside the decoder, joined here with its scheduler
+    assert list(spec.components) == ["text_encoder", "image_encoder", "prior", "text_proj", "decoder",
+                                     "super_res_first"]
+    assert set(spec.schedulers) == {"prior", "decoder", "super_res"}
     assert {f"{s}.train_seconds" for s in ("clip", "prior", "decoder", "sr")} <= about.keys()
     assert d2.store.verify_model(out)
     pipe = d2.load_pipeline(out, backend="torch")
