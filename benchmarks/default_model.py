@@ -6,8 +6,9 @@ one image and a batch of 8, against the targets (<= 2 s and <= 8 s on 2 CPU core
 Each row runs in its own process (one backend per process, as the other benchmarks): it loads the model, runs
 one warm-up generation, then times --repeat generations of "a red circle" (batch 1) or 8 prompts (batch 8) and
 reports the best, with the process's peak RSS and the speed of a 1024 x 1024 float32 matmul on the same backend
-(GFLOP/s, best of 10): timings from machines of different speed compare through that column. The last column is the largest pixel difference (of 255) of the
-row's batch-8 images against the first backend's: the same seed must give the same picture.
+(GFLOP/s, best of 10): timings from machines of different speed compare through that column. The last column
+is the largest pixel difference (of 255) of the row's batch-8 images against the first backend's: the same seed
+must give the same picture.
 No peer runs this model: diffusers' UnCLIPPipeline samples with UnCLIPScheduler only, which has no v prediction
 (the decoder's and upsampler's training target) and no DDIM (the upsampler's shipped sampler), so its speed
 ratios live in benchmarks/generate_speed.py, on Karlo's own objective.
@@ -60,7 +61,8 @@ for _ in range(10):
 np.save({out!r}, np.stack([np.asarray(im) for im in out.images]))
 size = out.images[0].size[0]
 print(json.dumps(dict(load=load, one=times[1], eight=times[8], size=size, gflops=gflops,
-                      defaults=pipe.defaults.to_dict(), rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)))
+                      defaults=pipe.defaults.to_dict(),
+                      rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)))
 """
 
 
