@@ -99,6 +99,8 @@ def main() -> None:
         about[f"{stage}.data"] = record["data"]  # e.g. "shapes (seed 0, 50000 items, generator v3)"
         if stage in times:
             about[f"{stage}.train_seconds"] = times[stage]
+    if "all" in times:
+        about["recipe.wall_seconds"] = times["all"]  # the script's runs, start to end, added up over resumes
     if args.eval:
         about.update(eval_about(args.eval))
     with store.atomic_directory(args.out, overwrite=True) as tmp:

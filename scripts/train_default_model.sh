@@ -25,6 +25,9 @@ steps() { if [ "${SMOKE:-0}" = 1 ]; then echo 2; else echo "$1"; fi; }
 items() { if [ "${SMOKE:-0}" = 1 ]; then echo 64; else echo "$1"; fi; }
 ITEMS=(--data-size "$(items 50000)")
 mkdir -p "$OUT"
+BEGAN=$SECONDS
+lines() { if [ -f "$OUT/times.txt" ]; then wc -l < "$OUT/times.txt"; else echo 0; fi; }
+BEFORE=$(lines)  # a run that trains nothing adds no "all" line
 
 finished() {  # finished NAME: OUT/NAME has its model, written after its last checkpoint
   local run="$OUT/$1"
@@ -77,4 +80,7 @@ sr=$!
 failed=0
 for pid in $prior $decoder $sr; do wait "$pid" || failed=1; done
 [ $failed = 0 ] || { echo "error: a stage stopped; run the script again to resume" >&2; exit 1; }
+if [ "$(lines)" -gt "$BEFORE" ]; then
+  echo "all $((SECONDS - BEGAN)) s (wall, this run of the script)" >> "$OUT/times.txt"
+fi
 echo "the stages: $OUT; join them and put the model in the package with scripts/package_default_model.py $OUT"

@@ -24,7 +24,8 @@ def test_the_recipe_trains_resumes_and_packages(tmp_path):
     assert first.returncode == 0, first.stderr[-2000:]
     times = (runs / "times.txt").read_text().splitlines()
     names = [t.split()[0] for t in times]
-    assert names[0] == "clip" and sorted(names[1:]) == ["decoder", "prior", "sr"], times  # the three side by side
+    assert names[0] == "clip" and sorted(names[1:-1]) == ["decoder", "prior", "sr"], times  # the three side by side
+    assert names[-1] == "all", times  # the script's wall time
     again = subprocess.run(["bash", "scripts/train_default_model.sh", str(runs)], cwd=ROOT, env=env,
                            capture_output=True, text=True)
     assert again.returncode == 0, again.stderr[-2000:]
@@ -37,6 +38,7 @@ def test_the_recipe_trains_resumes_and_packages(tmp_path):
                        cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     about = json.loads((out / "model.json").read_text())["about"]
+    assert about["recipe.wall_seconds"] > 0
     assert about["prior.steps"] == 2 and about["sr.data"].startswith("shapes (seed 0, 64 items")
     spec = d2.store.read_spec(out)  # the prior trained beside the decoder, joined here with its scheduler
     assert list(spec.components) == ["text_encoder", "image_encoder", "prior", "text_proj", "decoder",
