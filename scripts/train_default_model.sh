@@ -12,11 +12,10 @@
 #             8 x 8 only), v prediction, min-SNR-5 weights, Karlo's learned variance
 #   sr        32 -> 64 px upsampler (16/32/64 channels), v prediction, min-SNR-5, noise-augmented conditioning;
 #             5000 items are plenty (3/255 mean error on clean 32 px inputs)
-# The prior and the decoder need only CLIP's embeddings and the upsampler learns from the data's own 32 px
-# images (not the decoder's), so after CLIP the three train side by side, one CPU thread each (a stage left
-# alone, e.g. on a resume after the others finished, gets every thread);
-# scripts/package_default_model.py then joins them. The seconds each stage took go to RUNS_DIR/times.txt.
-# SMOKE=1 checks the wiring alone (tests/test_recipe.py): every stage 2 steps on 64 items.
+# Two lanes, side by side, one CPU thread each: CLIP then the decoder, and the upsampler (it sees pixels only, so
+# it trains from nothing beside CLIP) then the prior (which waits for CLIP); a lane left alone, e.g. on a resume
+# after the other finished, gets every thread. scripts/package_default_model.py then joins the stages. The
+# seconds each stage took go to RUNS_DIR/times.txt.
 set -euo pipefail
 OUT=${1:-runs/default}
 BACKEND=${BACKEND:-torch}
@@ -61,24 +60,32 @@ cat > "$OUT/sr.json" <<'JSON'
  "up_block_types": ["ResnetUpsampleBlock2D", "ResnetUpsampleBlock2D", "ResnetUpsampleBlock2D"]}}
 JSON
 
-stage clip clip "${ITEMS[@]}" --config tiny --image-size 32 --steps "$(steps 6000)" --batch-size 64 --lr 1e-3 --warmup 100 \
-  --checkpoint-every 500
-left=0
-for name in prior decoder sr; do finished "$name" || left=$((left + 1)); done
-if [ "$left" -gt 1 ]; then export OMP_NUM_THREADS=1 THREADS=1; fi
-stage prior prior "${ITEMS[@]}" -m "$OUT/clip/model" --config "$OUT/prior.json" --steps "$(steps 20000)" --batch-size 64 \
-  --lr 1e-3 --warmup 100 --checkpoint-every 2000 --quiet &
-prior=$!
-stage decoder decoder "${ITEMS[@]}" -m "$OUT/clip/model" --config "$OUT/decoder.json" --image-size 32 \
-  --prediction v_prediction --min-snr-gamma 5 --steps "$(steps 5500)" --batch-size 32 --lr 1e-3 --warmup 200 \
-  --checkpoint-every 250 --quiet &
-decoder=$!
-stage sr super-res --data-size "$(items 5000)" -m "$OUT/clip/model" --config "$OUT/sr.json" --image-size 64 \
-  --low-size 32 --sr-noise 0.05 --prediction v_prediction --min-snr-gamma 5 --steps "$(steps 3000)" --batch-size 32 \
-  --lr 1e-3 --warmup 100 --checkpoint-every 250 &
-sr=$!
+left() { local n=0 name; for name in "$@"; do finished "$name" || n=$((n + 1)); done; echo $n; }
+if [ "$(left clip decoder)" -gt 0 ] && [ "$(left sr prior)" -gt 0 ]; then export OMP_NUM_THREADS=1 THREADS=1; fi
 failed=0
-for pid in $prior $decoder $sr; do wait "$pid" || failed=1; done
+check() { wait "$1" || failed=1; }  # check PID: note a lane's stage that stopped (the other lane goes on)
+stage clip clip "${ITEMS[@]}" --config tiny --image-size 32 --steps "$(steps 6000)" --batch-size 64 --lr 1e-3 \
+  --warmup 100 --checkpoint-every 500 --quiet &
+clip=$!
+stage sr super-res --data-size "$(items 5000)" --config "$OUT/sr.json" --image-size 64 --low-size 32 --sr-noise 0.05 \
+  --prediction v_prediction --min-snr-gamma 5 --steps "$(steps 3000)" --batch-size 32 --lr 1e-3 --warmup 100 \
+  --checkpoint-every 250 --quiet &
+sr=$!
+check $clip
+decoder=
+if [ $failed = 0 ]; then
+  stage decoder decoder "${ITEMS[@]}" -m "$OUT/clip/model" --config "$OUT/decoder.json" --image-size 32 \
+    --prediction v_prediction --min-snr-gamma 5 --steps "$(steps 5500)" --batch-size 32 --lr 1e-3 --warmup 200 \
+    --checkpoint-every 250 --quiet &
+  decoder=$!
+fi
+check $sr
+if [ $failed = 0 ]; then
+  stage prior prior "${ITEMS[@]}" -m "$OUT/clip/model" --config "$OUT/prior.json" --steps "$(steps 20000)" \
+    --batch-size 64 --lr 1e-3 --warmup 100 --checkpoint-every 2000 --quiet &
+  check $!
+fi
+[ -z "$decoder" ] || check $decoder
 [ $failed = 0 ] || { echo "error: a stage stopped; run the script again to resume" >&2; exit 1; }
 if [ "$(lines)" -gt "$BEFORE" ]; then
   echo "all $((SECONDS - BEGAN)) s (wall, this run of the script)" >> "$OUT/times.txt"

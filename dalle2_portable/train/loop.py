@@ -117,10 +117,11 @@ def train(stage: str, data, out, model=None, config: str | None = None, settings
     settings = settings or TrainSettings(steps=1000)
     run = Path(out)
     dataset = load_data(data, settings)
-    if model is None:  # from nothing: the CLIP stage seeds its own tokenizer and towers (seed.py)
-        if stage != "clip" or config is None:
-            raise Dalle2Error("no base model: give --model; from nothing only the CLIP stage trains (dalle2 train "
-                              "clip --config tiny), and every later stage builds on its result")
+    if model is None:  # from nothing: CLIP seeds its tokenizer and towers, an upsampler an empty model (seed.py)
+        if stage not in ("clip", "super_res") or config is None:
+            raise Dalle2Error("no base model: give --model; from nothing only the CLIP stage (dalle2 train clip "
+                              "--config tiny) and the upsampler (dalle2 train super-res --config tiny --low-size "
+                              "N), which sees pixels only, train; the prior and the decoder build on CLIP's result")
         base = (run / "seed").absolute()
     else:
         base = resolve_model(model)
@@ -134,7 +135,8 @@ def train(stage: str, data, out, model=None, config: str | None = None, settings
     record["backend"], record["device"] = b.name, device
     if model is None:
         run.mkdir(parents=True, exist_ok=True)
-        seed_model(base, dataset, b, config if config in PRESETS else "tiny", settings.image_size, settings.seed)
+        seed_model(base, dataset, b, config if config in PRESETS else "tiny", settings.image_size, settings.seed,
+                   stage)
     spec = store.read_spec(base)
     image_clip, clip, embeddings, uncond = record["clip"], None, None, None
     if stage == "clip":  # its own tokenizer and preprocessing, the towers to train

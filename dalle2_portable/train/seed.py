@@ -3,8 +3,13 @@
 `dalle2 train clip --data shapes --out RUN --config tiny` without `--model` first writes RUN/seed, a model
 directory with a CLIP tokenizer learnt from the data's own captions (`tokenizers.train_clip_bpe`: CLIP's format,
 byte-level, so every prompt tokenises) and CLIP towers at the preset's sizes (NumPy's initial weights; the stage
-trains them from scratch anyway), the vision tower and its preprocessing at `--image-size`. Every later stage
-then builds on the CLIP stage's result, as with any base model.
+trains them from scratch anyway), the vision tower and its preprocessing at `--image-size`. The prior and the
+decoder then build on the CLIP stage's result, as with any base model.
+
+An upsampler sees pixels only (no CLIP embedding conditions it), so `dalle2 train super-res --config tiny
+--low-size N` also starts from nothing: its RUN/seed is an empty model directory, and RUN/model holds the
+upsampler alone, for a model to take in (scripts/package_default_model.py does). The default model's recipe
+trains it beside CLIP that way.
 """
 
 from __future__ import annotations
@@ -26,9 +31,14 @@ MAX_LENGTH = 32  # tokens per caption, BOS and EOS included
 PATCHES = 8  # the vision tower sees an 8 x 8 grid of patches
 
 
-def seed_model(directory: Path, dataset: Dataset, backend, preset: str, image_size: int, seed: int) -> Path:
-    """RUN/seed (written atomically; an existing one is kept, the same inputs giving the same files)."""
+def seed_model(directory: Path, dataset: Dataset, backend, preset: str, image_size: int, seed: int,
+               stage: str = "clip") -> Path:
+    """RUN/seed of `stage` (written atomically; an existing one is kept, the same inputs giving the same files)."""
     if (directory / store.MODEL_JSON).is_file():
+        return directory
+    if stage == "super_res":  # nothing to seed: the upsampler is built from the preset, the model has it alone
+        with store.atomic_directory(directory) as tmp:
+            store.write_spec(tmp, ModelSpec(Source("dalle2_portable seed", None, "dalle2_portable"), {}))
         return directory
     with store.atomic_directory(directory) as tmp:
         captions = [dataset.caption(i) for i in range(len(dataset))]
