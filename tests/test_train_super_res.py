@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from safetensors.numpy import load_file
 from conftest import BACKENDS, assert_close_to_scale, assert_one_step_agrees
 
 import dalle2_portable as d2
@@ -105,3 +106,29 @@ def test_an_upsampler_trains_beside_its_decoder_from_a_base_without_one(models, 
     with pytest.raises(Dalle2Error, match=f"--low-size {size + 4} differs from the base model's decoder"):
         train("super_res", "shapes", tmp_path / "c", models["iv"], config="tiny", backend=BACKENDS[0],
               settings=dataclasses.replace(settings, low_size=size + 4))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_upsampler_trains_from_nothing(models, tmp_path, backend):
+    """It sees pixels only, so no base model is needed (the recipe trains it beside CLIP): RUN/model holds the
+    upsampler alone, with the very weights a run on a base model gets from the same seed and draws."""
+    settings = TrainSettings(**{**SETTINGS.__dict__, "steps": 3})
+    with pytest.raises(Dalle2Error, match="no decoder to upsample from; pass --low-size"):
+        train("super_res", "shapes", tmp_path / "a", None, config="tiny", backend=backend, settings=settings)
+    settings = dataclasses.replace(settings, low_size=8)
+    with pytest.raises(Dalle2Error, match="no base model: give --model"):
+        train("super_res", "shapes", tmp_path / "b", None, backend=backend, settings=settings)
+    out = train("super_res", "shapes", tmp_path / "c", None, config="tiny", backend=backend, settings=settings)
+    spec = store.read_spec(out)
+    assert list(spec.components) == ["super_res_first"] and spec.tokenizer is None
+    assert (spec.defaults.decoder_sample_size, spec.defaults.super_res_sample_size) == (8, 16)
+    assert store.verify_model(out)
+    base = tmp_path / "no_decoder"  # the same stage on a base model whose decoder is not there to fix the size
+    shutil.copytree(models["iv"], base)
+    based = store.read_spec(base)
+    store.write_spec(base, dataclasses.replace(
+        based, components={k: c for k, c in based.components.items() if k not in ("text_proj", "decoder")},
+        defaults=dataclasses.replace(based.defaults, decoder_sample_size=None)))
+    on_base = train("super_res", "shapes", tmp_path / "d", base, config="tiny", backend=backend, settings=settings)
+    ours, theirs = (load_file(str(p / "super_res_first.safetensors")) for p in (out, on_base))
+    assert ours.keys() == theirs.keys() and all(np.array_equal(ours[k], theirs[k]) for k in ours)
