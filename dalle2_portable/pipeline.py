@@ -114,10 +114,7 @@ class Pipeline:
         self.progress = progress
         self.spec = spec or store.read_spec(self.model_dir)
         self.backend = backend
-        missing = [n for n in REQUIRED if n not in self.spec.components]
-        if missing:
-            raise Dalle2Error(f"model {str(self.model_dir)!r} has no {missing[0]}, so it is not an unCLIP model; "
-                              "CLIP models load with d2.load_clip")
+        _require_unclip(self.model_dir, self.spec)
         parts = [n for n in UNCLIP_COMPONENTS if n in self.spec.components]
         store.validate(self.model_dir, self.spec, backend.parameter_shapes, parts)  # CLIP validates its towers
         self.clip = CLIP(self.model_dir, backend, self.spec)
@@ -341,6 +338,7 @@ class Pipeline:
 def stages_of(model_dir, spec: ModelSpec, schedules: dict, names: tuple[str, ...], options: dict) -> dict[str, Stage]:
     """The Stage of each named stage: the call's options ({stage}_steps, {stage}_guidance, {stage}_sampler as
     the stage has them, each None = the model's default) over the model's defaults, every value checked."""
+    _require_unclip(model_dir, spec)
     settings = spec.defaults.override(names, options)
     if "super_res_first" not in spec.components:  # a cascade without an upsampler ends at the decoder
         names = tuple(s for s in names if s != "super_res")
@@ -368,6 +366,17 @@ def check_options(model: str | os.PathLike, names: tuple[str, ...], options: dic
     spec = store.read_spec(model_dir)
     stages_of(model_dir, spec, {k: UnCLIPSchedule(c) for k, c in spec.schedulers.items()}, names, options)
     return model_dir
+
+
+def _require_unclip(model_dir, spec: ModelSpec) -> None:
+    missing = [n for n in REQUIRED if n not in spec.components]
+    if missing and list(spec.components) == ["super_res_first"]:
+        raise Dalle2Error(f"model {str(model_dir)!r} holds an upsampler alone (`dalle2 train super-res` without "
+                          "--model), so it draws nothing by itself; join its super_res_first to a model with a "
+                          "decoder (scripts/package_default_model.py does for the recipe)")
+    if missing:
+        raise Dalle2Error(f"model {str(model_dir)!r} has no {missing[0]}, so it is not an unCLIP model; "
+                          "CLIP models load with d2.load_clip")
 
 
 def _require_prior(model_dir, spec: ModelSpec) -> None:

@@ -123,6 +123,8 @@ def test_an_upsampler_trains_from_nothing(models, tmp_path, backend):
     assert list(spec.components) == ["super_res_first"] and spec.tokenizer is None
     assert (spec.defaults.decoder_sample_size, spec.defaults.super_res_sample_size) == (8, 16)
     assert store.verify_model(out)
+    with pytest.raises(Dalle2Error, match="holds an upsampler alone .* join its super_res_first to a model"):
+        d2.load_pipeline(out, backend=backend)
     base = tmp_path / "no_decoder"  # the same stage on a base model whose decoder is not there to fix the size
     shutil.copytree(models["iv"], base)
     based = store.read_spec(base)
