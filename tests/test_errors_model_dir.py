@@ -81,3 +81,9 @@ def test_a_symlink_inside_the_directory_is_fine(karlo):
     (karlo / "decoder.safetensors").rename(karlo / "weights" / "decoder.safetensors")
     (karlo / "decoder.safetensors").symlink_to(karlo / "weights" / "decoder.safetensors")
     d2.load_pipeline(karlo, backend="torch")
+
+
+def test_a_clip_model_is_not_an_unclip_model(models, tmp_path):
+    clip = tmp_path / "clip"
+    d2.convert(str(models["clip"]), str(clip))
+    _refused(clip, r"has no text_proj, so it is not an unCLIP model; CLIP models load with d2.load_clip")
