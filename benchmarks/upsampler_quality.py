@@ -1,6 +1,7 @@
 """How well a model's upsampler restores clean small pictures: held-out shapes pictures at the decoder's size
-go through the upsampler (the model's own steps and sampler, or those given), and the result is compared with the same
-pictures drawn at the large size, against the antialiased bicubic upscale every step is conditioned on.
+go through the upsampler (the model's own steps and sampler, or those given), and the result is compared with
+the same pictures drawn at the large size, against the antialiased bicubic upscale every step is conditioned
+on.
 
     python benchmarks/upsampler_quality.py [MODEL ...] [--items 64] [--backend torch] [--seed 0]
                                            [--super-res-steps N] [--super-res-sampler ddim|ancestral]

@@ -338,7 +338,6 @@ class Pipeline:
 def stages_of(model_dir, spec: ModelSpec, schedules: dict, names: tuple[str, ...], options: dict) -> dict[str, Stage]:
     """The Stage of each named stage: the call's options ({stage}_steps, {stage}_guidance, {stage}_sampler as
     the stage has them, each None = the model's default) over the model's defaults, every value checked."""
-    _require_unclip(model_dir, spec)
     settings = spec.defaults.override(names, options)
     if "super_res_first" not in spec.components:  # a cascade without an upsampler ends at the decoder
         names = tuple(s for s in names if s != "super_res")
@@ -364,6 +363,7 @@ def check_options(model: str | os.PathLike, names: tuple[str, ...], options: dic
 
     model_dir = resolve_model(model, revision=revision)
     spec = store.read_spec(model_dir)
+    _require_unclip(model_dir, spec)
     stages_of(model_dir, spec, {k: UnCLIPSchedule(c) for k, c in spec.schedulers.items()}, names, options)
     return model_dir
 

@@ -78,17 +78,22 @@ def test_fine_tuning_lowers_the_loss_and_from_scratch_replaces_both_upsamplers(m
     assert result.samples.shape == (1, 3, 16, 16) and np.isfinite(result.samples).all()
 
 
+def _without_decoder(model, out: Path) -> Path:
+    """A copy of `model` without its decoder (and text_proj), so no decoder fixes an upsampler's small size."""
+    shutil.copytree(model, out)
+    spec = store.read_spec(out)
+    store.write_spec(out, dataclasses.replace(
+        spec, components={k: c for k, c in spec.components.items() if k not in ("text_proj", "decoder")},
+        defaults=dataclasses.replace(spec.defaults, decoder_sample_size=None)))
+    return out
+
+
 @pytest.mark.slow
 def test_an_upsampler_trains_beside_its_decoder_from_a_base_without_one(models, tmp_path):
     """--low-size: the upsampler of a decoder still training (the default model's recipe runs them side by
     side) learns from a base model with no decoder, and its model records the size it upsamples from."""
-    base = tmp_path / "no_decoder"
-    shutil.copytree(models["iv"], base)
-    spec = store.read_spec(base)
-    size = spec.components["decoder"].config.sample_size
-    store.write_spec(base, dataclasses.replace(
-        spec, components={k: c for k, c in spec.components.items() if k not in ("text_proj", "decoder")},
-        defaults=dataclasses.replace(spec.defaults, decoder_sample_size=None)))
+    size = store.read_spec(models["iv"]).components["decoder"].config.sample_size
+    base = _without_decoder(models["iv"], tmp_path / "no_decoder")
     settings = TrainSettings(**{**SETTINGS.__dict__, "steps": 2})
     with pytest.raises(Dalle2Error, match="no decoder to upsample from; pass --low-size"):
         train("super_res", "shapes", tmp_path / "a", base, config="tiny", backend=BACKENDS[0], settings=settings)
@@ -125,12 +130,8 @@ def test_an_upsampler_trains_from_nothing(models, tmp_path, backend):
     assert store.verify_model(out)
     with pytest.raises(Dalle2Error, match="holds an upsampler alone .* join its super_res_first to a model"):
         d2.load_pipeline(out, backend=backend)
-    base = tmp_path / "no_decoder"  # the same stage on a base model whose decoder is not there to fix the size
-    shutil.copytree(models["iv"], base)
-    based = store.read_spec(base)
-    store.write_spec(base, dataclasses.replace(
-        based, components={k: c for k, c in based.components.items() if k not in ("text_proj", "decoder")},
-        defaults=dataclasses.replace(based.defaults, decoder_sample_size=None)))
+    # the same stage on a base model whose decoder is not there to fix the size
+    base = _without_decoder(models["iv"], tmp_path / "no_decoder")
     on_base = train("super_res", "shapes", tmp_path / "d", base, config="tiny", backend=backend, settings=settings)
     ours, theirs = (load_file(str(p / "super_res_first.safetensors")) for p in (out, on_base))
     assert ours.keys() == theirs.keys() and all(np.array_equal(ours[k], theirs[k]) for k in ours)
