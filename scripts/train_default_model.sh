@@ -11,8 +11,9 @@
 #   decoder   CLIP image embedding (+ caption) -> 32 px image: a 3-level UNet (32/64/96 channels, attention at
 #             8 x 8 only), v prediction, min-SNR-5 weights, Karlo's learned variance
 #   sr        32 -> 64 px upsampler (16/32/64 channels), v prediction, min-SNR-5, noise-augmented conditioning;
-#             5000 items are plenty (3/255 mean error on clean 32 px inputs); 2000 steps, so that its lane
-#             (then the prior) ends with the other
+#             5000 items are plenty; trained on random 32 px squares of the 64 px pictures (DALL-E 2's
+#             quarter-area crops: a step costs a quarter), 6000 steps, so that its lane (then the prior) ends
+#             before the other
 # Two lanes, side by side, one CPU thread each: CLIP then the decoder, and the upsampler (it sees pixels only, so
 # it trains from nothing beside CLIP) then the prior (which waits for CLIP); a lane left alone, e.g. on a resume
 # after the other finished, gets every thread. scripts/package_default_model.py then joins the stages. The
@@ -69,8 +70,8 @@ stage clip clip "${ITEMS[@]}" --config tiny --image-size 32 --steps "$(steps 600
   --warmup 100 --checkpoint-every 500 --quiet &
 clip=$!
 stage sr super-res --data-size "$(items 5000)" --config "$OUT/sr.json" --image-size 64 --low-size 32 --sr-noise 0.05 \
-  --prediction v_prediction --min-snr-gamma 5 --steps "$(steps 2000)" --batch-size 32 --lr 1e-3 --warmup 100 \
-  --checkpoint-every 250 --quiet &
+  --sr-crop 32 --prediction v_prediction --min-snr-gamma 5 --steps "$(steps 6000)" --batch-size 32 --lr 1e-3 \
+  --warmup 100 --checkpoint-every 500 --quiet &
 sr=$!
 check $clip
 decoder=

@@ -36,9 +36,14 @@ SETTINGS = TrainSettings(steps=60, data_size=32, batch_size=8, lr=1e-3, warmup=1
                          image_size=16, sr_noise=0.02)
 
 
-def _batch(seed=0):
+def _context(**settings):
     data = ShapesDataset(length=8, seed=3)
-    ctx = _Context(SETTINGS, UnCLIPSchedule(SCHEDULERS["super_res"]), None, None, data, image_size=16, low_size=8)
+    return data, _Context(dataclasses.replace(SETTINGS, **settings), UnCLIPSchedule(SCHEDULERS["super_res"]), None,
+                          None, data, image_size=16, low_size=8)
+
+
+def _batch(seed=0, **settings):
+    data, ctx = _context(**settings)
     rng = np.random.default_rng(seed)
     return data, super_res_batch(ctx, rng, np.arange(4)), np.random.default_rng(seed)
 
@@ -54,11 +59,26 @@ def test_the_batch_is_what_sampling_feeds():
     assert_close_to_scale(sample[:, 3:], upscale_bicubic(small, 16), 1e-6, "conditioning half")
 
 
+def test_a_cropped_batch_is_a_square_of_the_whole_one():
+    """--sr-crop: after the whole batch's draws, one corner per item; every array is that square of the whole
+    batch's (the conditioning upscaled from the whole small image, so no crop edge is made up)."""
+    rng = np.random.default_rng(0)
+    whole = super_res_batch(_context()[1], rng, np.arange(4))
+    corners = rng.integers(0, 16 - 8 + 1, (4, 2))
+    _, (sample, t, target, weights), _ = _batch(sr_crop=8)
+    assert sample.shape == (4, 6, 8, 8) and target.shape == (4, 3, 8, 8)
+    assert np.array_equal(t, whole[1]) and np.array_equal(weights, whole[3])
+    for i, (y, x) in enumerate(corners):
+        assert np.array_equal(sample[i], whole[0][i, :, y:y + 8, x:x + 8])
+        assert np.array_equal(target[i], whole[2][i, :, y:y + 8, x:x + 8])
+
+
 @pytest.mark.skipif(len(BACKENDS) < 2, reason="needs both backends")
-def test_one_super_res_step_agrees_across_backends(models):
+@pytest.mark.parametrize("crop", [None, 8])
+def test_one_super_res_step_agrees_across_backends(models, crop):
     spec = store.read_spec(models["iv"])
     cfg, path = spec.components["super_res_first"].config, store.component_path(models["iv"], spec, "super_res_first")
-    _, inputs, _ = _batch(1)
+    _, inputs, _ = _batch(1, sr_crop=crop)
     assert_one_step_agrees(lambda b: b.bundle({"super_res_first": b.load_component(cfg.TYPE, cfg, str(path))}),
                            super_res_loss, inputs)
 
@@ -135,3 +155,25 @@ def test_an_upsampler_trains_from_nothing(models, tmp_path, backend):
     on_base = train("super_res", "shapes", tmp_path / "d", base, config="tiny", backend=backend, settings=settings)
     ours, theirs = (load_file(str(p / "super_res_first.safetensors")) for p in (out, on_base))
     assert ours.keys() == theirs.keys() and all(np.array_equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_an_upsampler_trained_on_crops_upsamples_whole_pictures(models, tmp_path):
+    """--sr-crop: the run learns from squares, the model it writes samples whole pictures; a crop the UNet
+    cannot take, or a crop for another stage, is one line before anything trains."""
+    size = store.read_spec(models["iv"]).components["decoder"].config.sample_size
+    settings = TrainSettings(**{**SETTINGS.__dict__, "steps": 3, "low_size": size})
+    backend = BACKENDS[0]
+    for crop, message in ((32, "--sr-crop 32 must be at most the upsampler's 16 px"), (9, "a multiple of 2")):
+        with pytest.raises(Dalle2Error, match=message):
+            train("super_res", "shapes", tmp_path / f"bad{crop}", None, config="tiny", backend=backend,
+                  settings=dataclasses.replace(settings, sr_crop=crop))
+    with pytest.raises(Dalle2Error, match="the decoder trains on whole pictures, so drop --sr-crop"):
+        train("decoder", "shapes", tmp_path / "decoder", models["iv"], backend=backend,
+              settings=dataclasses.replace(settings, sr_crop=8))
+    out = train("super_res", "shapes", tmp_path / "crop", None, config="tiny", backend=backend,
+                settings=dataclasses.replace(settings, sr_crop=8))
+    spec = store.read_spec(out)
+    assert spec.defaults.super_res_sample_size == 16
+    joined = _package_script().assemble(Path(models["iv"]), out, tmp_path / "joined", {"super_res_steps": 2})
+    result = d2.load_pipeline(joined, backend=backend).vary(np.ones((1, 16), np.float32), decoder_steps=2)
+    assert result.samples.shape == (1, 3, 16, 16) and np.isfinite(result.samples).all()

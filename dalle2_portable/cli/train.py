@@ -62,6 +62,9 @@ def _setting(name: str, *decls, **kw):
           help="The decoder's or the super-res UNet's sample size when trained from scratch.")
 @_setting("sr_noise", "--sr-noise", type=click.FloatRange(min=0),
           help="super-res: std of the noise added to the small image (augmentation).")
+@_setting("sr_crop", "--sr-crop", type=click.IntRange(min=8),
+          help="super-res: train on random N px squares of the pictures (DALL-E 2: a quarter of the area, "
+          "--sr-crop 32 at --image-size 64); sampling still makes whole pictures. [default: whole pictures]")
 @_setting("low_size", "--low-size", type=click.IntRange(min=8),
           help="super-res: the small image's side. [default: the base model's decoder's]")
 @_setting("checkpoint_every", "--checkpoint-every", type=click.IntRange(min=1))

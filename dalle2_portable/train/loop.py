@@ -115,6 +115,9 @@ def train(stage: str, data, out, model=None, config: str | None = None, settings
     if stage not in STAGES:
         raise Dalle2Error(f"unknown stage {stage!r}; this version trains: {', '.join(STAGES)}")
     settings = settings or TrainSettings(steps=1000)
+    if settings.sr_crop is not None and stage != "super_res":
+        raise Dalle2Error(f"--sr-crop trains the super-res stage on crops; the {stage} trains on whole pictures, "
+                          "so drop --sr-crop")
     run = Path(out)
     dataset = load_data(data, settings)
     if model is None:  # from nothing: CLIP seeds its tokenizer and towers, an upsampler an empty model (seed.py)
@@ -157,6 +160,7 @@ def train(stage: str, data, out, model=None, config: str | None = None, settings
         uncond = clip.text_condition([""])
     low_size = _low_size(spec, settings) if stage == "super_res" else None
     configs = _configs(stage, spec, embeddings, config, settings)
+    _check_crop(stage, configs, settings)
     scheduler = _scheduler(stage, spec, settings)
     record["components"] = {name: cfg.to_dict() for name, cfg in configs.items()}
     run.mkdir(parents=True, exist_ok=True)
@@ -252,6 +256,18 @@ def _low_size(spec: ModelSpec, settings: TrainSettings) -> int:
         raise Dalle2Error(f"--low-size {settings.low_size} differs from the base model's decoder ({size} px); "
                           "drop --low-size or pass the decoder's size")
     return settings.low_size or size
+
+
+def _check_crop(stage: str, configs: dict, settings: TrainSettings) -> None:
+    """--sr-crop: no larger than the upsampler's pictures, and a multiple of its UNet's downsampling."""
+    crop = settings.sr_crop
+    if crop is None or stage != "super_res":
+        return
+    cfg = configs["super_res_first"]
+    factor = 2 ** (len(cfg.block_out_channels) - 1)
+    if crop > (cfg.sample_size or crop) or crop % factor:
+        raise Dalle2Error(f"--sr-crop {crop} must be at most the upsampler's {cfg.sample_size} px and a multiple of "
+                          f"{factor} (its UNet halves the picture {factor.bit_length() - 1} times)")
 
 
 def _scheduler(stage: str, spec: ModelSpec, settings: TrainSettings):

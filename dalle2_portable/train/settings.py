@@ -43,6 +43,7 @@ class TrainSettings:
     caption_drop: float = 0.5  # decoder: the caption
     image_size: int = 32  # from scratch: the decoder's / the super-res UNet's sample size
     sr_noise: float = 0.0  # super-res: std of the noise added to the small image (augmentation)
+    sr_crop: int | None = None  # super-res: train on random sr_crop px squares of the pictures (None: whole)
     low_size: int | None = None  # super-res: the small image's side (None: the base model's decoder's), so
     #                              an upsampler trains beside its decoder, from a base model that has none yet
     prediction: str | None = None  # what the UNet / prior learns to output (recorded in the model's scheduler):
@@ -72,6 +73,8 @@ class TrainSettings:
                 raise Dalle2Error(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if self.low_size is not None and self.low_size < 8:
             raise Dalle2Error(f"low_size must be at least 8 px, got {self.low_size}")
+        if self.sr_crop is not None and self.sr_crop < 8:
+            raise Dalle2Error(f"sr_crop must be at least 8 px, got {self.sr_crop}")
         if self.sr_noise < 0:
             raise Dalle2Error(f"sr_noise must be >= 0, got {self.sr_noise}")
         if not 0.0 <= self.ema_max_decay < 1.0:

@@ -14,7 +14,9 @@ written once over the facade. The loop (loop.py) is the same for every stage.
               when a model has no super_res_last): predict the noise of the large x_t given it concatenated
               with the antialiased bicubic upscale of the small image, as sampling feeds it; epsilon MSE. The
               small image is the item drawn at the decoder's size, plus N(0, `sr_noise`) (noise augmentation:
-              at sampling time it comes from the decoder, not from a clean downscale).
+              at sampling time it comes from the decoder, not from a clean downscale). With `sr_crop` the UNet
+              (convolutions only) sees a random `sr_crop` px square of both, at one offset per item (DALL-E 2
+              trains its upsamplers on quarter-area crops): a step costs that fraction of a whole picture's.
     clip      both CLIP towers and the temperature (Radford et al. 2021): the symmetric cross-entropy of the
               batch's caption-image cosine similarities times exp(logit_scale), clamped at 100 as CLIP does.
               Captions are tokenised and images preprocessed in NumPy as `CLIP` does for inference.
@@ -163,6 +165,11 @@ def super_res_batch(ctx, rng: np.random.Generator, idx: np.ndarray) -> tuple:
     noise = rng.standard_normal(x0.shape, dtype=np.float32)
     augment = rng.standard_normal(small.shape, dtype=np.float32)
     up = upscale_bicubic(small + np.float32(ctx.settings.sr_noise) * augment, ctx.image_size)
+    crop = ctx.settings.sr_crop
+    if crop is not None:  # the same square of the picture and of its upscaled small image
+        corners = rng.integers(0, ctx.image_size - crop + 1, (bs, 2))
+        x0, up, noise = (np.stack([a[i, :, y:y + crop, x:x + crop] for i, (y, x) in enumerate(corners)])
+                         for a in (x0, up, noise))
     x_t, _ = _noised(ctx.schedule, x0, t, noise)
     return (np.concatenate([x_t, up], axis=1), t) + _target(ctx, x0, noise, t)
 
