@@ -1,6 +1,6 @@
 """Put a model trained by scripts/train_default_model.sh into the package as the default model.
 
-    python scripts/package_default_model.py runs/default [--eval eval.json] [--prior-steps 25 ...]
+    python scripts/package_default_model.py runs/default [--eval eval.json ...] [--prior-steps 25 ...]
 
 The recipe trains the prior, the decoder and the upsampler side by side, so the model is assembled here:
 RUNS/model is RUNS/decoder/model (both CLIP towers, their tokenizer, text_proj, the decoder) with the prior of
@@ -58,6 +58,11 @@ def assemble(decoder: Path, sr: Path, out: Path, defaults: dict, prior: Path | N
     return out
 
 
+def _rates(results: dict) -> dict:
+    """{name: rate} of the results that ran (a check skipped, e.g. edits with no source picture right, has none)."""
+    return {k: round(v["rate"], 4) for k, v in results.items() if v["rate"] is not None}
+
+
 def eval_about(path: Path) -> dict:
     """The `about` entries of a `dalle2 eval --json` report: per backend, the grid's accuracy per phrasing kind
     and the checks' rates, with the seeds they were measured at."""
@@ -65,8 +70,8 @@ def eval_about(path: Path) -> dict:
     for report in json.loads(path.read_text())["reports"]:
         backend = report["backend"]
         for kind, rates in report["accuracy"].items():
-            about[f"accuracy.{backend}.{kind}"] = {k: round(v["rate"], 4) for k, v in rates.items()}
-        about[f"accuracy.{backend}.checks"] = {k: round(v["rate"], 4) for k, v in report["checks"].items()}
+            about[f"accuracy.{backend}.{kind}"] = _rates(rates)
+        about[f"accuracy.{backend}.checks"] = _rates(report["checks"])
         about[f"accuracy.{backend}.seeds"] = len(report["settings"]["seeds"])
     return about
 
@@ -74,7 +79,9 @@ def eval_about(path: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", type=Path)
-    ap.add_argument("--eval", type=Path, default=None, help="the JSON of `dalle2 eval --json` on this model")
+    ap.add_argument("--eval", type=Path, action="append", default=[],
+                    help="the JSON of `dalle2 eval --json` on this model (repeatable: one per backend, when the "
+                    "backends were evaluated in processes of their own)")
     ap.add_argument("--out", type=Path, default=store.DEFAULT_MODEL_DIR)
     for option, default in SAMPLING.items():
         ap.add_argument("--" + option.replace("_", "-"), type=type(default), default=default)
@@ -101,8 +108,8 @@ def main() -> None:
             about[f"{stage}.train_seconds"] = times[stage]
     if "all" in times:
         about["recipe.wall_seconds"] = times["all"]  # the script's runs, start to end, added up over resumes
-    if args.eval:
-        about.update(eval_about(args.eval))
+    for path in args.eval:
+        about.update(eval_about(path))
     with store.atomic_directory(args.out, overwrite=True) as tmp:
         shutil.copytree(source, tmp, dirs_exist_ok=True)  # its model.json is rewritten below
         spec = dataclasses.replace(spec, source=Source("dalle2_portable default", None, "dalle2_portable"))

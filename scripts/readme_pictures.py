@@ -6,7 +6,7 @@
   prompts.png        one picture per prompt of PROMPTS, side by side
   variations.png     red.png, then 4 variations of it
   interpolation.png  "a red circle" -> "a blue square", 6 frames (text interpolation through the prior)
-  edit.png           red.png, then edit(source="a red circle", target="a blue circle")
+  edit.png           red.png, then edit(source="a red circle", target="a blue circle") at EDIT_AMOUNTS
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from dalle2_portable.images import save_png
 
 PROMPTS = ["a red circle", "a green triangle", "there is one blue square", "a small purple square on a yellow "
            "background", "an orange circle in the top left corner", "a triangle that is pink"]
+EDIT_AMOUNTS = (0.2, 0.4, 0.6)  # the text diff's path: the source's colour fades, then the target's comes
 
 
 def strip(images, gap: int = 2) -> Image.Image:
@@ -46,7 +47,8 @@ def main() -> None:
         "variations.png": strip([red] + pipe.vary(red, num_images=4, seed=0).images),
         "interpolation.png": strip(pipe.interpolate("a red circle", "a blue square", frames=6, kind="text",
                                                     seed=0).images),
-        "edit.png": strip([red] + pipe.edit(red, source="a red circle", target="a blue circle", seed=0).images),
+        "edit.png": strip([red] + [pipe.edit(red, source="a red circle", target="a blue circle", amount=amount,
+                                             seed=0).images[0] for amount in EDIT_AMOUNTS]),
     }
     for name, image in pictures.items():
         save_png(image, args.out / name, overwrite=True)

@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from conftest import BACKENDS
+
 import dalle2_portable as d2
 
 ROOT = Path(__file__).parents[1]
@@ -53,3 +55,18 @@ def test_the_recipe_trains_resumes_and_packages(tmp_path):
     assert pipe.defaults.prior_guidance == 1.0 and pipe.defaults.decoder_sampler == "ancestral"
     image = pipe.generate("a red circle", prior_steps=2, decoder_steps=2, super_res_steps=2).images[0]
     assert image.size == (64, 64)
+
+    # the evaluation, one process per backend, joins the `about` block: --eval once per JSON
+    evals = []
+    for backend in BACKENDS:
+        evals += ["--eval", str(tmp_path / f"{backend}.json")]
+        r = subprocess.run(["dalle2", "eval", str(out), "--quick", "--steps", "2", "--super-res-steps", "2",
+                            "--backend", backend, "--json", evals[-1], "--quiet"], env=env, capture_output=True,
+                           text=True)
+        assert r.returncode == 0, r.stderr[-2000:]
+    r = subprocess.run([sys.executable, "scripts/package_default_model.py", str(runs), "--out", str(out), *evals],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    about = json.loads((out / "model.json").read_text())["about"]
+    for backend in BACKENDS:
+        assert 0 <= about[f"accuracy.{backend}.all"]["joint"] <= 1 and about[f"accuracy.{backend}.seeds"] == 1

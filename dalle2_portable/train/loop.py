@@ -267,7 +267,7 @@ def _check_crop(stage: str, configs: dict, settings: TrainSettings) -> None:
     factor = 2 ** (len(cfg.block_out_channels) - 1)
     if crop > (cfg.sample_size or crop) or crop % factor:
         raise Dalle2Error(f"--sr-crop {crop} must be at most the upsampler's {cfg.sample_size} px and a multiple of "
-                          f"{factor} (its UNet halves the picture {factor.bit_length() - 1} times)")
+                          f"{factor}, the factor its UNet downsamples by")
 
 
 def _scheduler(stage: str, spec: ModelSpec, settings: TrainSettings):
