@@ -14,6 +14,7 @@ text diffs) is at the end of this file.
 from __future__ import annotations
 
 import functools
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,7 +110,7 @@ class Pipeline:
     """The components of an unCLIP model directory on one backend, validated before anything is allocated."""
 
     def __init__(self, model_dir: str | os.PathLike, backend: Backend, spec: ModelSpec | None = None,
-                 progress: Progress = no_progress):
+                 progress: Progress = no_progress, lora=()):
         self.model_dir = Path(model_dir)
         self.progress = progress
         self.spec = spec or store.read_spec(self.model_dir)
@@ -125,6 +126,13 @@ class Pipeline:
             self.modules[name] = backend.load_component(comp.type, comp.config, str(path))
         self._schedules = {k: UnCLIPSchedule(c) for k, c in self.spec.schedulers.items()}
         self._empty = None
+        self.lora: tuple[tuple[str, float], ...] = ()  # (file, scale) of each adapter merged, for the metadata
+        if lora:  # LoRA adapters, merged into the weights (lora.py): (file, scale) pairs or "FILE[:SCALE]"
+            from .lora import merge_into, parse_spec
+
+            pairs = [parse_spec(x) if isinstance(x, (str, os.PathLike)) else x for x in lora]
+            self.adapters = merge_into(backend, self.spec, self.components, pairs)
+            self.lora = tuple((a.source, float(scale)) for a, (_, scale) in zip(self.adapters, pairs))
 
     @property
     def components(self) -> dict:
@@ -188,7 +196,8 @@ class Pipeline:
         settings = {"verb": verb, "seed": seed, "model": self.spec.source.repo or str(self.model_dir),
                     "revision": self.spec.source.revision, "model_dir": str(Path(self.model_dir).absolute()),
                     "version": __version__, "backend": self.backend.name, "device": self.backend.device,
-                    "dtype": self.backend.dtype, "batch_size": len(embeddings)}
+                    "dtype": self.backend.dtype, "batch_size": len(embeddings),
+                    "lora": json.dumps(self.lora) if self.lora else None}
         for name, st in stages.items():
             settings.update({f"{name}_{k}": getattr(st, k) for k in PipelineDefaults.options(name)})
         images = [to_pil(x) for x in big]
@@ -445,12 +454,13 @@ def text_diff(image_embedding: np.ndarray, source: np.ndarray, target: np.ndarra
 
 def load_pipeline(model: str | os.PathLike = "default", backend: str | Backend = "auto", device: str | None = None,
                   dtype: str = "float32", revision: str | None = None, variant: str | None = None,
-                  progress: bool = False) -> Pipeline:
+                  progress: bool = False, lora=()) -> Pipeline:
     """An unCLIP pipeline from "default" (the packaged model), a model directory, a Hub repo id or a local
     diffusers folder (both converted once, then reused from the cache). `variant` reads variant weight files
-    of the source (e.g. "fp16"); `progress` shows a progress bar per sampling stage."""
+    of the source (e.g. "fp16"); `progress` shows a progress bar per sampling stage; `lora`: LoRA files merged
+    into the weights, each "FILE[:SCALE]" or (file, scale) (diffusers, PEFT or kohya dialect; lora.py)."""
     from .convert import resolve_model
 
     model_dir = resolve_model(model, revision=revision, variant=variant)
     return Pipeline(model_dir, get_backend(backend, device=device, dtype=dtype),
-                    progress=tqdm_progress if progress else no_progress)
+                    progress=tqdm_progress if progress else no_progress, lora=lora)

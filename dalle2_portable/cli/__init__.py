@@ -86,4 +86,4 @@ def main():
 
 
 
-from . import generate, models, train  # noqa: E402,F401  (each module adds its commands to main)
+from . import generate, lora, models, train  # noqa: E402,F401  (each module adds its commands to main)

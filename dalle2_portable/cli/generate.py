@@ -29,7 +29,7 @@ from .options import (DTYPES, _from_metadata, _model_options, _options, _output_
 @_stage_options(STAGES)
 @_model_options
 def generate(prompt, from_png, prompt_option, output, num_images, rerank, clip_model, model, revision, backend,
-             device, dtype, seed, threads, quiet, force, **stages):
+             device, dtype, seed, lora, threads, quiet, force, **stages):
     """Generate images from PROMPT (prior -> decoder -> super-res). PNGs carry the prompt, seed, model,
     revision, backend, steps and guidance as text metadata."""
     if from_png is not None:
@@ -42,7 +42,7 @@ def generate(prompt, from_png, prompt_option, output, num_images, rerank, clip_m
         call = _from_metadata(from_png)
         path = _outputs(output, 1, force)[0][0]
         pipe = _pipeline(call["model"], call["revision"], call["backend"], call["device"], call["dtype"], quiet,
-                         threads)
+                         threads, lora=call["lora"])
         out = pipe.generate(call["prompt"], num_images=call["num_images"], seed=call["seed"], **call["options"])
         _save(out.reorder([call["index"]]), [path], force, quiet,
               {"index": str(call["index"]), "regenerated_from": str(from_png)})  # itself regenerable
@@ -55,7 +55,8 @@ def generate(prompt, from_png, prompt_option, output, num_images, rerank, clip_m
     if rerank is not None and rerank < num_images:
         raise Dalle2Error(f"--rerank ({rerank}) must be at least --num-images ({num_images})")
     paths = _outputs(output, num_images, force, seeds=seed)
-    pipe = _pipeline(model, revision, backend, device, dtype, quiet, threads, (STAGES, _options(stages)))
+    pipe = _pipeline(model, revision, backend, device, dtype, quiet, threads, (STAGES, _options(stages)),
+                     lora=lora)
     for s, ps in paths.items():
         if rerank is not None:
             out = pipe.rerank(prompt, candidates=rerank, keep=num_images, clip=clip_model, seed=s,
@@ -70,11 +71,13 @@ def generate(prompt, from_png, prompt_option, output, num_images, rerank, clip_m
 @_output_options("vary.png")
 @_stage_options(STAGES[1:])
 @_model_options
-def vary(image, output, num_images, model, revision, backend, device, dtype, seed, threads, quiet, force, **stages):
+def vary(image, output, num_images, model, revision, backend, device, dtype, seed, lora, threads, quiet, force,
+         **stages):
     """Variations of IMAGE: its CLIP image embedding decoded again (needs a model with an image encoder, such as
     kakaobrain/karlo-v1-alpha-image-variations)."""
     paths = _outputs(output, num_images, force, seeds=seed)
-    pipe = _pipeline(model, revision, backend, device, dtype, quiet, threads, (STAGES[1:], _options(stages)))
+    pipe = _pipeline(model, revision, backend, device, dtype, quiet, threads, (STAGES[1:], _options(stages)),
+                     lora=lora)
     for s, ps in paths.items():
         out = pipe.vary(image, num_images=num_images, seed=s, **_options(stages))
         _save(out, ps, force, quiet, {"source_image": str(image)})
@@ -92,8 +95,8 @@ def vary(image, output, num_images, model, revision, backend, device, dtype, see
 @click.option("--fps", type=click.IntRange(min=1), default=4, show_default=True, help="GIF frame rate.")
 @_stage_options(STAGES)
 @_model_options
-def interpolate(start, end, frames, text, output, gif, fps, model, revision, backend, device, dtype, seed, threads,
-                quiet, force, **stages):
+def interpolate(start, end, frames, text, output, gif, fps, model, revision, backend, device, dtype, seed, lora,
+                threads, quiet, force, **stages):
     """Frames along the slerp between two images' CLIP embeddings (or two captions' with --text), sharing one
     noise so they change smoothly."""
     from ..images import save_gif
@@ -106,7 +109,7 @@ def interpolate(start, end, frames, text, output, gif, fps, model, revision, bac
     paths = _outputs(output, frames, force, seeds=seed)
     gifs = _outputs(str(Path(output).with_suffix(".gif")), 1, force, ".gif", seed) if gif else {}
     pipe = _pipeline(model, revision, backend, device, dtype, quiet, threads,
-                     (STAGES if text else STAGES[1:], options))
+                     (STAGES if text else STAGES[1:], options), lora=lora)
     for s, ps in paths.items():
         out = pipe.interpolate(start, end, frames=frames, seed=s, kind="text" if text else "image", **options)
         _save(out, ps, force, quiet, {"start": start, "end": end})
@@ -125,11 +128,12 @@ def interpolate(start, end, frames, text, output, gif, fps, model, revision, bac
 @_output_options("edit.png")
 @_stage_options(STAGES[1:])
 @_model_options
-def edit(image, source, target, amount, output, num_images, model, revision, backend, device, dtype, seed, threads,
-         quiet, force, **stages):
+def edit(image, source, target, amount, output, num_images, model, revision, backend, device, dtype, seed, lora,
+         threads, quiet, force, **stages):
     """Edit IMAGE with a DALL-E 2 text diff: its CLIP embedding moved from --from toward --to by --amount."""
     paths = _outputs(output, num_images, force, seeds=seed)
-    pipe = _pipeline(model, revision, backend, device, dtype, quiet, threads, (STAGES[1:], _options(stages)))
+    pipe = _pipeline(model, revision, backend, device, dtype, quiet, threads, (STAGES[1:], _options(stages)),
+                     lora=lora)
     for s, ps in paths.items():
         out = pipe.edit(image, source=source, target=target, amount=amount, num_images=num_images, seed=s,
                         **_options(stages))

@@ -3,6 +3,7 @@ a PNG's metadata back (--config-from-metadata)."""
 
 from __future__ import annotations
 
+import json
 import string
 import warnings
 from pathlib import Path
@@ -31,7 +32,7 @@ def _output_options(default: str):
 
 
 def _model_options(f):
-    """--model --revision --backend --device --dtype --seed --threads --quiet --force."""
+    """--model --revision --backend --device --dtype --seed --lora --threads --quiet --force."""
     for decorator in reversed([
         click.option("--model", "-m", default="default", show_default=True,
                      help="A Hub repo id (converted once, cached), a model directory, a local diffusers folder, "
@@ -44,6 +45,9 @@ def _model_options(f):
         click.option("--seed", type=click.IntRange(min=0), multiple=True, default=(0,), show_default=True,
                      help="Seed of the one NumPy noise stream: the same image on every backend. Give it several "
                      "times for one set of images per seed."),
+        click.option("--lora", multiple=True, help="A LoRA adapter merged into the model: a safetensors file in "
+                     "the diffusers, PEFT or kohya dialect (or a folder holding one), FILE:SCALE for a strength other "
+                     "than 1. Repeatable: the adapters add up."),
         click.option("--threads", type=click.IntRange(min=1), default=None,
                      help="CPU threads of the PyTorch backend (default: PyTorch's, all cores)."),
         click.option("--quiet", is_flag=True, help="No progress bars and no list of written files."),
@@ -137,13 +141,14 @@ def _outputs(output: str, n: int, force: bool, suffix: str = ".png", seeds=(0,))
     return paths
 
 
-def _pipeline(model, revision, backend, device, dtype, quiet, threads=None, check=None):
+def _pipeline(model, revision, backend, device, dtype, quiet, threads=None, check=None, lora=()):
     """The pipeline; `check` = (stage names, options): checked against model.json before any weight loads."""
     from ..pipeline import check_options, load_pipeline
 
     if check is not None:
         model, revision = check_options(model, *check, revision=revision), None
-    pipe = load_pipeline(model, backend=backend, device=device, dtype=dtype, revision=revision, progress=not quiet)
+    pipe = load_pipeline(model, backend=backend, device=device, dtype=dtype, revision=revision, progress=not quiet,
+                         lora=lora)
     if threads is not None:
         try:
             pipe.backend.set_threads(threads)
@@ -205,7 +210,7 @@ def _from_metadata(png: str) -> dict:
     return {"model": model, "revision": meta.get("revision") if model == meta.get("model") else None,
             "backend": meta["backend"], "device": meta.get("device"), "dtype": meta["dtype"],
             "prompt": meta["prompt"], "seed": int(meta["seed"]), "num_images": int(meta["num_images"]),
-            "index": index, "options": options}
+            "index": index, "options": options, "lora": [tuple(x) for x in json.loads(meta.get("lora", "[]"))]}
 
 
 def store_default() -> Path:

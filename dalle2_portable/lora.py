@@ -1,0 +1,284 @@
+"""LoRA adapters (Hu et al. 2021) in the files the ecosystem exchanges, read, written and merged in NumPy.
+
+An adapter adds `scale * (alpha / r) * up @ down` to a layer's weight (a Linear's (out, in) matrix, or a
+convolution's kernel with `down` (r, in, kh, kw) and `up` (out, r, 1, 1)). In memory, `Adapter.layers` maps
+(component, module path) to `LoRALayer(down, up, alpha)`, the module paths being the model's canonical ones
+(diffusers' / transformers'), so the same adapter goes on either backend.
+
+Dialects read (`read_adapter`):
+    diffusers  pytorch_lora_weights.safetensors: "unet.<path>.lora_A.weight" / ".lora_B.weight" (a pipeline's
+               save_lora_weights; the prefix names the component, PREFIXES), or the same keys without the
+               prefix (a model's save_lora_adapter); r / lora_alpha / rank_pattern / alpha_pattern from the
+               "lora_adapter_metadata" JSON in the safetensors metadata (keys "unet.r" or "r"), as diffusers
+               writes it; older "<path>.lora.down.weight" / ".lora.up.weight" keys too
+    PEFT       adapter_model.safetensors + adapter_config.json: "base_model.model.<path>.lora_A.weight"
+    kohya      "lora_unet_<path with _>.lora_down.weight" / ".lora_up.weight" / ".alpha" ("lora_te_": the text
+               encoder)
+Without an alpha anywhere, alpha = r (scale 1), diffusers' reading. A key that names no module of the model is an
+error naming it, never skipped. `write_adapter` writes the diffusers dialect with its metadata, which diffusers'
+`load_lora_weights` / `load_lora_adapter(prefix="unet")` and PEFT read.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import Dalle2Error
+
+PREFIXES = {"decoder": "unet", "text_encoder": "text_encoder", "prior": "prior", "text_proj": "text_proj",
+            "super_res_first": "super_res_first", "super_res_last": "super_res_last",
+            "image_encoder": "image_encoder"}
+KOHYA = {"lora_unet": "decoder", "lora_te": "text_encoder"}
+FILES = ("pytorch_lora_weights.safetensors", "adapter_model.safetensors")
+METADATA_KEY = "lora_adapter_metadata"  # diffusers' LORA_ADAPTER_METADATA_KEY
+
+
+@dataclass(frozen=True)
+class LoRALayer:
+    down: np.ndarray  # lora_A: (r, in) or (r, in, kh, kw)
+    up: np.ndarray  # lora_B: (out, r) or (out, r, 1, 1)
+    alpha: float
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+    def delta(self, scale: float = 1.0) -> np.ndarray:
+        """What the layer adds to its weight: scale * alpha / r * up @ down, in the weight's shape."""
+        up, down = self.up.astype(np.float64), self.down.astype(np.float64)
+        d = up.reshape(up.shape[0], -1) @ down.reshape(self.rank, -1)
+        return (scale * self.alpha / self.rank * d).reshape((up.shape[0],) + down.shape[1:])
+
+
+@dataclass
+class Adapter:
+    layers: dict[tuple[str, str], LoRALayer] = field(default_factory=dict)
+    source: str = "adapter"
+
+    def components(self) -> list[str]:
+        return sorted({c for c, _ in self.layers})
+
+
+def _pattern_value(patterns: dict, path: str, default):
+    """PEFT's rank_pattern / alpha_pattern: a key starting with ^ is a regex on the path, else it matches the
+    path's tail at a dot boundary."""
+    for key, value in patterns.items():
+        regex = key if key.startswith("^") else rf"(^|.*\.){key}$"
+        if re.match(regex, path):
+            return value
+    return default
+
+
+def _alpha(config: dict | None, path: str, rank: int) -> float:
+    if not config:
+        return float(rank)
+    alpha = _pattern_value(config.get("alpha_pattern") or {}, path, config.get("lora_alpha", rank))
+    if config.get("use_rslora"):  # PEFT scales by alpha / sqrt(r); as alpha / r that is alpha * sqrt(r)
+        alpha = alpha * np.sqrt(rank)
+    return float(alpha)
+
+
+def _read_safetensors(path: Path) -> tuple[dict, dict]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+    except Exception as e:  # a truncated or foreign file: one line
+        raise Dalle2Error(f"{str(path)!r} is not a readable safetensors LoRA file ({e})") from None
+
+
+def _locate(path: Path) -> tuple[Path, dict | None]:
+    """The weights file of `path` (a file, or a folder holding one of FILES) and its adapter_config.json."""
+    if path.is_dir():
+        found = [path / name for name in FILES if (path / name).is_file()]
+        if not found:
+            raise Dalle2Error(f"{str(path)!r} holds no {' or '.join(FILES)}; give the LoRA file itself")
+        path = found[0]
+    elif not path.is_file():
+        raise Dalle2Error(f"LoRA file {str(path)!r} does not exist")
+    config_file = path.parent / "adapter_config.json"
+    config = None
+    if path.name == "adapter_model.safetensors" and config_file.is_file():
+        config = json.loads(config_file.read_text())
+    return path, config
+
+
+def read_adapter(path, module_paths: dict[str, set[str]]) -> Adapter:
+    """An adapter file (any dialect above) resolved against `module_paths`: {component: the module paths that
+    hold a weight}. Every key must land on one of them."""
+    path, config = _locate(Path(path))
+    tensors, metadata = _read_safetensors(path)
+    if metadata.get(METADATA_KEY):
+        config = json.loads(metadata[METADATA_KEY])
+    pairs: dict[tuple[str, str], dict] = {}
+    for key, value in tensors.items():
+        component, module, part = _parse_key(key, module_paths, str(path))
+        pairs.setdefault((component, module), {})[part] = value
+    adapter = Adapter(source=str(path))
+    for (component, module), parts in pairs.items():
+        if "down" not in parts or "up" not in parts:
+            raise Dalle2Error(f"{str(path)!r}: {component} {module} has lora_{'A' if 'down' not in parts else 'B'} "
+                              "missing; the file is incomplete")
+        rank = parts["down"].shape[0]
+        prefix = PREFIXES.get(component, component)
+        sub = {k.removeprefix(prefix + "."): v for k, v in (config or {}).items() if k.startswith(prefix + ".")}
+        alpha = float(parts["alpha"]) if "alpha" in parts else _alpha(sub or config, module, rank)
+        adapter.layers[(component, module)] = LoRALayer(parts["down"].astype(np.float32),
+                                                        parts["up"].astype(np.float32), alpha)
+    if not adapter.layers:
+        raise Dalle2Error(f"{str(path)!r} holds no LoRA weights")
+    return adapter
+
+
+_PARTS = {"lora_A.weight": "down", "lora_B.weight": "up", "lora.down.weight": "down", "lora.up.weight": "up",
+          "lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}
+
+
+def _parse_key(key: str, module_paths: dict[str, set[str]], where: str) -> tuple[str, str, str]:
+    """(component, module path, "down" | "up" | "alpha") of one file key, or a one-line error naming it."""
+    for suffix, part in _PARTS.items():
+        if key.endswith("." + suffix):
+            stem = key[: -len(suffix) - 1].removesuffix(".default")  # PEFT's adapter name, if kept
+            break
+    else:
+        raise Dalle2Error(f"{where}: key {key!r} is not a LoRA weight (lora_A / lora_B / lora_down / lora_up / "
+                          "alpha)")
+    stem = stem.removeprefix("base_model.model.")
+    for kohya, component in KOHYA.items():
+        if stem.startswith(kohya + "_") and component in module_paths:
+            flat = stem[len(kohya) + 1:]
+            matches = [p for p in module_paths[component] if p.replace(".", "_") == flat]
+            if len(matches) == 1:
+                return component, matches[0], part
+            return _no_module(key, component, where)
+    for component, prefix in PREFIXES.items():
+        if stem.startswith(prefix + ".") and component in module_paths:
+            module = stem[len(prefix) + 1:]
+            return (component, module, part) if module in module_paths[component] else _no_module(
+                key, component, where)
+    owners = [c for c, paths in module_paths.items() if stem in paths]  # no prefix: the component holding it
+    if len(owners) == 1:
+        return owners[0], stem, part
+    return _no_module(key, None, where)
+
+
+def _no_module(key: str, component: str | None, where: str):
+    into = f"the model's {component}" if component else "any component of the model"
+    raise Dalle2Error(f"{where}: key {key!r} matches no module of {into}; the adapter was made for another model "
+                      "(or another version of it)")
+
+
+def write_adapter(path, adapter: Adapter, targets: list[str] | None = None) -> Path:
+    """The diffusers dialect (pipeline save_lora_weights): prefixed keys, fp32, and per component the LoRA
+    config as diffusers packs it into the metadata ("unet.r", "unet.lora_alpha", ...). Atomic."""
+    from safetensors.numpy import save
+
+    from .images import write_atomic
+
+    tensors, config = {}, {}
+    for (component, module), layer in sorted(adapter.layers.items()):
+        prefix = PREFIXES.get(component, component)
+        tensors[f"{prefix}.{module}.lora_A.weight"] = np.ascontiguousarray(layer.down, np.float32)
+        tensors[f"{prefix}.{module}.lora_B.weight"] = np.ascontiguousarray(layer.up, np.float32)
+        config.setdefault(prefix, []).append((module, layer))
+    metadata = {}
+    for prefix, layers in config.items():
+        ranks = [layer.rank for _, layer in layers]
+        r = max(set(ranks), key=ranks.count)
+        alphas = [layer.alpha for _, layer in layers]
+        alpha = max(set(alphas), key=alphas.count)
+        packed = {"r": r, "lora_alpha": alpha, "lora_dropout": 0.0, "bias": "none", "use_dora": False,
+                  "use_rslora": False, "init_lora_weights": True,
+                  "target_modules": sorted(targets or {m.rsplit(".", 1)[-1] if not m.split(".")[-1].isdigit()
+                                                       else m for m, _ in layers}),
+                  "rank_pattern": {f"^{m}$": lay.rank for m, lay in layers if lay.rank != r},
+                  "alpha_pattern": {f"^{m}$": lay.alpha for m, lay in layers if lay.alpha != alpha}}
+        metadata.update({f"{prefix}.{k}": v for k, v in packed.items()})
+    blob = save(tensors, metadata={"format": "pt", METADATA_KEY: json.dumps(metadata, indent=2, sort_keys=True)})
+    path = Path(path)
+    write_atomic(path, lambda f: f.write(blob), True, ".safetensors")
+    return path
+
+
+def fuse(state: dict[str, np.ndarray], adapter: Adapter, component: str, scale: float = 1.0) -> dict:
+    """`state` (a component's weights, NumPy) with the adapter's layers of `component` added at `scale`."""
+    out = dict(state)
+    for (c, module), layer in adapter.layers.items():
+        if c != component:
+            continue
+        name = f"{module}.weight"
+        w = out[name]
+        delta = layer.delta(scale)
+        if delta.shape != w.shape:
+            raise Dalle2Error(f"{adapter.source}: {component} {module} is {w.shape[::-1] if w.ndim == 2 else w.shape} "
+                              f"but the adapter's update is {delta.shape}; it was made for another model size")
+        out[name] = (w.astype(np.float64) + delta).astype(w.dtype)
+    return out
+
+
+def parse_spec(text: str) -> tuple[str, float]:
+    """FILE[:SCALE] -> (file, scale); a Windows drive letter or a path with colons keeps its colons."""
+    head, sep, tail = str(text).rpartition(":")
+    if sep and head and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?", tail):
+        return head, float(tail)
+    return str(text), 1.0
+
+
+def module_paths(backend, spec, names) -> dict[str, set[str]]:
+    """{component: the module paths holding a weight}, from the configs (nothing allocated)."""
+    out = {}
+    for name in names:
+        comp = spec.components[name]
+        out[name] = {k[: -len(".weight")] for k in backend.parameter_shapes(comp.type, comp.config)
+                     if k.endswith(".weight")}
+    return out
+
+
+def merge_into(backend, spec, modules: dict, loras) -> list[Adapter]:
+    """Merge each (file, scale) of `loras` into the loaded `modules` ({component: module}) in place; the
+    adapters read. Only the components an adapter touches are read back and loaded again."""
+    paths = module_paths(backend, spec, modules)
+    adapters = [(read_adapter(file, paths), float(scale)) for file, scale in loras]
+    for component in sorted({c for adapter, _ in adapters for c in adapter.components()}):
+        state = backend.state_dict(modules[component])
+        for adapter, scale in adapters:
+            state = fuse(state, adapter, component, scale)
+        backend.load_weights(modules[component], state)
+    return [adapter for adapter, _ in adapters]
+
+
+def fuse_model(model_dir, loras, out, overwrite: bool = False) -> Path:
+    """A copy of the model directory `model_dir` with each (file, scale) of `loras` merged into its weights,
+    written atomically to `out` with fresh checksums. NumPy only: no backend is loaded."""
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.numpy import load_file, save_file
+
+    from . import store
+
+    model_dir = Path(model_dir)
+    spec = store.read_spec(model_dir)
+    files = {name: store.component_path(model_dir, spec, name) for name in spec.components}
+    paths = {}
+    for name, file in files.items():
+        with safe_open(str(file), framework="numpy") as f:
+            paths[name] = {k[: -len(".weight")] for k in f.keys() if k.endswith(".weight")}
+    adapters = [(read_adapter(file, paths), float(scale)) for file, scale in loras]
+    with store.atomic_directory(out, overwrite=overwrite) as tmp:
+        shutil.copytree(model_dir, tmp, dirs_exist_ok=True)
+        for component in sorted({c for adapter, _ in adapters for c in adapter.components()}):
+            state = load_file(str(files[component]))
+            for adapter, scale in adapters:
+                state = fuse(state, adapter, component, scale)
+            save_file(state, str(tmp / spec.components[component].weights))
+        about = dict(store.read_about(model_dir) or {})
+        about["lora_fused"] = [f"{adapter.source}:{scale:g}" for adapter, scale in adapters]
+        store.write_spec(tmp, spec, about=about)
+    return Path(out)
