@@ -1,0 +1,77 @@
+"""Trainable LoRA layers (modules/lora.py): an adapted decoder computes what its merged weights compute; one
+LoRA training step agrees across backends and leaves every base weight bit-unchanged; B starts at zero, so an
+adapted model starts as its base."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import BACKENDS, assert_close_to_scale, assert_one_step_agrees, backend_params
+from test_train_decoder import _bundle, _inputs
+
+from dalle2_portable import store
+from dalle2_portable.backends import get_backend
+from dalle2_portable.lora import Adapter, LoRALayer, fuse
+from dalle2_portable.modules.lora import add_lora
+from dalle2_portable.train.optim import AdamW
+from dalle2_portable.train.stages import decoder_loss
+
+
+def _adapted(backend: str, models, rank=4, alpha=8.0, seed=0, zero_b=False):
+    """The decoder bundle with LoRA on its attention projections, A and B drawn in NumPy."""
+    b, bundle, spec = _bundle(backend, models["iv"])
+    paths = add_lora(bundle, rank, alpha)
+    state = b.state_dict(bundle)
+    rng = np.random.default_rng(seed)
+    for p in paths:
+        a, bb = state[f"{p}.lora_A.weight"], state[f"{p}.lora_B.weight"]
+        state[f"{p}.lora_A.weight"] = rng.uniform(-1, 1, a.shape).astype(np.float32) / np.sqrt(a.shape[1])
+        state[f"{p}.lora_B.weight"] = np.zeros_like(bb) if zero_b else rng.standard_normal(bb.shape).astype(
+            np.float32) * 0.1
+    b.load_weights(bundle, state)
+    return b, bundle, spec, paths
+
+
+def test_the_targets_are_the_attention_projections(models):
+    _, _, _, paths = _adapted(BACKENDS[0], models)
+    tails = {p.rsplit(".", 1)[-1] if not p.endswith(".0") else "to_out.0" for p in paths}
+    assert tails == {"to_q", "to_k", "to_v", "to_out.0", "add_k_proj", "add_v_proj"}
+    assert all(p.startswith("decoder.") for p in paths)  # text_proj has no attention
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_an_adapted_decoder_is_its_merged_weights(models, backend):
+    b, bundle, spec, paths = _adapted(backend, models)
+    inputs, _ = _inputs(spec)
+    adapted, _ = b.value_and_grad(bundle, decoder_loss)(*inputs)
+    state = b.state_dict(bundle)
+    layers = {("decoder", p.removeprefix("decoder.")): LoRALayer(state[f"{p}.lora_A.weight"],
+                                                                  state[f"{p}.lora_B.weight"], 8.0) for p in paths}
+    merged_state = {k.removeprefix("decoder."): v for k, v in state.items()
+                    if k.startswith("decoder.") and ".lora_" not in k}
+    merged_state = fuse(merged_state, Adapter(layers), "decoder")
+    _, plain, _ = _bundle(backend, models["iv"])
+    b.load_weights(plain, {**{k: v for k, v in state.items() if k.startswith("text_proj.")},
+                           **{f"decoder.{k}": v for k, v in merged_state.items()}})
+    merged, _ = b.value_and_grad(plain, decoder_loss)(*inputs)
+    assert abs(adapted - merged) <= 1e-5 * merged, (adapted, merged)
+    _, start, _, _ = _adapted(backend, models, zero_b=True)  # B = 0: the base model's loss exactly
+    _, base, _ = _bundle(backend, models["iv"])
+    assert_close_to_scale(b.value_and_grad(start, decoder_loss)(*inputs)[0],
+                          b.value_and_grad(base, decoder_loss)(*inputs)[0], 1e-6, "B = 0")
+
+
+@pytest.mark.skipif(len(BACKENDS) < 2, reason="needs both backends")
+def test_one_lora_step_agrees_across_backends_and_moves_only_the_adapters(models):
+    inputs, _ = _inputs(store.read_spec(models["iv"]), seed=1)
+    frozen = [k for k in get_backend("torch").state_dict(_adapted("torch", models)[1]) if ".lora_" not in k]
+    assert_one_step_agrees(lambda b: _adapted(b.name, models)[1], decoder_loss, inputs, frozen=frozen)
+    for name in ("torch", "mlx"):
+        b, bundle, _, _ = _adapted(name, models)
+        before = {k: v.copy() for k, v in b.state_dict(bundle).items()}  # torch's may share the weights' memory
+        step = b.train_step(bundle, decoder_loss, AdamW(lr=1e-3), frozen)
+        for _ in range(2):
+            step(*inputs, lr=1e-3)
+        after = b.state_dict(bundle)
+        assert all(np.array_equal(after[k], before[k]) for k in frozen), name  # base weights bit-unchanged
+        assert all(not np.array_equal(after[k], before[k]) for k in after if ".lora_" in k), name
