@@ -78,6 +78,12 @@ class Backend(ABC):
         with building(self.facade):
             return self.module_class(component_type)(config)
 
+    def add_lora(self, module, rank: int, alpha: float, targets: str) -> list[str]:
+        """modules.lora.add_lora, its new factors made where this backend keeps weights."""
+        from ..modules.lora import add_lora
+
+        return add_lora(module, rank, alpha, targets)
+
     @abstractmethod
     def build(self, component_type: str, config: Any):
         """A module with random initial weights, on this backend's device and dtype."""

@@ -48,6 +48,13 @@ def _setting(name: str, *decls, **kw):
           help="The EMA's largest decay (warm-up 1 - (1 + step)^-2/3); 0: the result is the raw weights.")
 @_setting("prediction", "--prediction", type=click.Choice(["epsilon", "sample", "v_prediction"]),
           help="What the model learns to output (kept in its scheduler). [default: the base model's]")
+@_setting("lora_rank", "--lora", type=click.IntRange(min=1),
+          help="Train LoRA adapters of this rank (base weights frozen); the result is OUT/lora/"
+          "pytorch_lora_weights.safetensors, diffusers' dialect (use it with --lora FILE). [default: off]")
+@_setting("lora_alpha", "--lora-alpha", type=click.FloatRange(min=0, min_open=True),
+          help="The adapters' alpha (scale alpha / rank). [default: the rank]")
+@_setting("lora_targets", "--lora-targets", help="Regex on module paths (decoder.mid_block.attentions.0.to_q) of "
+          "the Linears to adapt. [default: every attention projection]")
 @_setting("min_snr_gamma", "--min-snr-gamma", type=click.FloatRange(min=0, min_open=True),
           help="Weight the loss by min-SNR-gamma (5 is usual). [default: off]")
 @_setting("dtype", "--dtype", type=click.Choice(["float32", "bfloat16"]),

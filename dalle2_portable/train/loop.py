@@ -38,7 +38,9 @@ from ..clip import CLIP
 from ..convert import resolve_model
 from ..errors import Dalle2Error
 from ..images import write_atomic
+from ..lora import Adapter, LoRALayer, write_adapter
 from ..modules import gradient_checkpointing
+from ..modules.lora import DEFAULT_TARGETS
 from ..modules.init import initial_weights
 from ..pipeline import tqdm_progress
 from ..schedule import UnCLIPSchedule
@@ -115,6 +117,8 @@ def train(stage: str, data, out, model=None, config: str | None = None, settings
     if stage not in STAGES:
         raise Dalle2Error(f"unknown stage {stage!r}; this version trains: {', '.join(STAGES)}")
     settings = settings or TrainSettings(steps=1000)
+    if settings.lora_rank is not None and (config is not None or settings.prediction is not None):
+        raise Dalle2Error(f"--lora adapts the base model's {stage} as it is; drop --config and --prediction")
     if settings.sr_crop is not None and stage != "super_res":
         raise Dalle2Error(f"--sr-crop trains the super-res stage on crops; the {stage} trains on whole pictures, "
                           "so drop --sr-crop")
@@ -173,9 +177,11 @@ def train(stage: str, data, out, model=None, config: str | None = None, settings
         start_scale = spec.defaults.clip_logit_scale if config is None else None
         b.load_weights(parts["logit_scale"], {"logit_scale": np.array(start_scale or CLIP_INITIAL_SCALE, np.float32)})
     bundle = b.bundle(parts)
+    frozen = FROZEN[stage] + tuple(settings.freeze)
+    if settings.lora_rank is not None:  # the adapters train, every other weight stays
+        frozen = _add_lora(b, bundle, stage, settings)
     gradient_checkpointing(bundle, settings.gradient_checkpointing)
-    step_fn = b.train_step(bundle, LOSSES[stage], settings.optimizer, FROZEN[stage] + tuple(settings.freeze),
-                           dtype=settings.dtype)
+    step_fn = b.train_step(bundle, LOSSES[stage], settings.optimizer, frozen, dtype=settings.dtype)
     ema = EMA(b.weights(bundle))
     rng, start = np.random.default_rng(settings.seed), 0
     metrics = run / "metrics.jsonl"
@@ -207,11 +213,16 @@ def train(stage: str, data, out, model=None, config: str | None = None, settings
     # a super-res UNet trained from scratch serves every step: the base's super_res_last belonged to another
     drop = ("super_res_last",) if stage == "super_res" and config is not None else ()
 
-    def result(step: int) -> Path:  # RUN/model with the EMA weights so far, and its preview if asked
-        out = _write_model(run, base, spec, configs, scheduler, stage, b.to_numpy(bundle, ema.shadow), drop,
-                           low_size)
+    def result(step: int) -> Path:  # RUN/model (or RUN/lora's adapter) with the EMA weights so far, its preview
+        weights = b.to_numpy(bundle, ema.shadow)
+        if settings.lora_rank is not None:
+            out = _write_adapter(run, weights, settings)
+            model, lora = base, [(out, 1.0)]
+        else:
+            out = model = _write_model(run, base, spec, configs, scheduler, stage, weights, drop, low_size)
+            lora = []
         if settings.preview_every and stage != "clip":
-            write_preview(run, step, stage, out, b, dataset)
+            write_preview(run, step, stage, model, b, dataset, lora)
         return out
 
     iterator = range(start, end)
@@ -242,6 +253,35 @@ def train(stage: str, data, out, model=None, config: str | None = None, settings
     if end < settings.steps:
         return None
     return result(end)
+
+
+def _add_lora(b, bundle, stage: str, settings: TrainSettings) -> tuple[str, ...]:
+    """LoRA factors on the bundle's matching Linears, A drawn in NumPy (PEFT's kaiming-uniform bound 1/sqrt(in),
+    from the run's seed), B zero; returns every other weight's name: what the step keeps as it is."""
+    targets = settings.lora_targets or DEFAULT_TARGETS
+    paths = b.add_lora(bundle, settings.lora_rank, settings.lora_alpha or settings.lora_rank, targets)
+    if not paths:
+        raise Dalle2Error(f"--lora-targets {targets!r} matches no Linear of the {stage}'s components; paths read "
+                          "like decoder.mid_block.attentions.0.to_q")
+    state, rng = b.state_dict(bundle), np.random.default_rng([settings.seed, 1])
+    for path in paths:
+        a = state[f"{path}.lora_A.weight"]
+        state[f"{path}.lora_A.weight"] = rng.uniform(-1, 1, a.shape).astype(np.float32) / np.sqrt(a.shape[1])
+        state[f"{path}.lora_B.weight"] = np.zeros_like(state[f"{path}.lora_B.weight"])
+    b.load_weights(bundle, state)
+    return tuple(k for k in state if ".lora_" not in k)
+
+
+def _write_adapter(run: Path, weights: dict, settings: TrainSettings) -> Path:
+    """RUN/lora/pytorch_lora_weights.safetensors: the adapters of the EMA weights, in diffusers' dialect."""
+    layers = {}
+    for key, down in weights.items():
+        if key.endswith(".lora_A.weight"):
+            component, _, module = key.removesuffix(".lora_A.weight").partition(".")
+            up = weights[key.replace(".lora_A.", ".lora_B.")]
+            layers[(component, module)] = LoRALayer(down, up, float(settings.lora_alpha or settings.lora_rank))
+    (run / "lora").mkdir(exist_ok=True)
+    return write_adapter(run / "lora" / "pytorch_lora_weights.safetensors", Adapter(layers))
 
 
 def _low_size(spec: ModelSpec, settings: TrainSettings) -> int:

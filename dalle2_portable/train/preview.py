@@ -26,11 +26,13 @@ def validation(dataset: Dataset) -> list[int]:
     return list(range(min(ITEMS, len(dataset))))
 
 
-def write_preview(run: Path, step: int, stage: str, model_dir: Path, backend, dataset: Dataset) -> Path:
-    """RUN/previews/step-{step:06d}.png of the model in `model_dir` on `backend`; returns the path."""
+def write_preview(run: Path, step: int, stage: str, model_dir: Path, backend, dataset: Dataset,
+                  lora=()) -> Path:
+    """RUN/previews/step-{step:06d}.png of the model in `model_dir` (with the LoRA adapters `lora`, (file,
+    scale) pairs, merged) on `backend`; returns the path."""
     from ..pipeline import Pipeline
 
-    pipe = Pipeline(model_dir, backend)
+    pipe = Pipeline(model_dir, backend, lora=lora)
     items = validation(dataset)
     captions = [dataset.caption(i) for i in items]
     if stage == "prior":

@@ -9,6 +9,7 @@ the components trained from scratch.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +49,10 @@ class TrainSettings:
     #                              an upsampler trains beside its decoder, from a base model that has none yet
     prediction: str | None = None  # what the UNet / prior learns to output (recorded in the model's scheduler):
     #                                "epsilon", "sample" (x0) or "v_prediction"; None: the base model's, else Karlo's
+    lora_rank: int | None = None  # train LoRA adapters of this rank instead of the weights (base frozen)
+    lora_alpha: float | None = None  # their alpha (scale alpha / rank; None: the rank, scale 1)
+    lora_targets: str | None = None  # regex on module paths ("decoder.mid_block.attentions.0.to_q"); None:
+    #                                  modules.lora.DEFAULT_TARGETS, the attention projections
     min_snr_gamma: float | None = None  # min-SNR-gamma loss weighting (Hang et al. 2023; 5 is the paper's)
     accumulate: int = 1  # micro-batches of batch_size per optimiser step (their gradients averaged)
     dtype: str = "float32"  # "bfloat16": mixed precision (float32 master weights, moments and update)
@@ -81,6 +86,13 @@ class TrainSettings:
             raise Dalle2Error(f"ema must be in [0, 1) (0: no averaging), got {self.ema_max_decay}")
         if self.prediction is not None and self.prediction not in PREDICTION_TYPES:
             raise Dalle2Error(f"unknown prediction {self.prediction!r}; choose one of {', '.join(PREDICTION_TYPES)}")
+        if self.lora_rank is not None and self.lora_rank < 1:
+            raise Dalle2Error(f"lora_rank must be a positive integer, got {self.lora_rank}")
+        if self.lora_targets is not None:
+            try:
+                re.compile(self.lora_targets)
+            except re.error as e:
+                raise Dalle2Error(f"lora_targets {self.lora_targets!r} is not a regular expression ({e})") from None
         if self.min_snr_gamma is not None and not self.min_snr_gamma > 0:
             raise Dalle2Error(f"min_snr_gamma must be positive (5 is usual), got {self.min_snr_gamma}")
         if self.dtype not in TRAIN_DTYPES:
