@@ -105,6 +105,9 @@ def test_a_lora_fine_tune_of_karlo_lowers_its_loss_and_its_file_works_everywhere
     losses = [json.loads(x)["loss"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     # measured: 0.793 of the first steps' mean, on torch and on MLX alike
     assert len(losses) == 40 and np.mean(losses[-8:]) < 0.87 * np.mean(losses[:8]), (losses[:8], losses[-8:])
+    for part in ("weights", "ema", "optimizer"):  # a checkpoint holds the adapters, not the frozen base again
+        assert all(".lora_" in k for k in load_file(tmp_path / "run" / "checkpoint" / f"{part}.safetensors")
+                   if k != "step"), part
     tensors = load_file(out)
     assert tensors and all(k.startswith("unet.") and ".lora_" in k for k in tensors)
     pipe = d2.load_pipeline(models["karlo"], backend=backend, lora=[out])

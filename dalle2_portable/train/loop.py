@@ -182,13 +182,18 @@ def train(stage: str, data, out, model=None, config: str | None = None, settings
         frozen = _add_lora(b, bundle, stage, settings)
     gradient_checkpointing(bundle, settings.gradient_checkpointing)
     step_fn = b.train_step(bundle, LOSSES[stage], settings.optimizer, frozen, dtype=settings.dtype)
-    ema = EMA(b.weights(bundle))
+
+    def trained(weights: dict) -> dict:  # what the EMA and the checkpoints hold: a LoRA run's adapters alone
+        return {k: v for k, v in weights.items() if ".lora_" in k} if settings.lora_rank is not None else weights
+
+    ema = EMA(trained(b.weights(bundle)))
     rng, start = np.random.default_rng(settings.seed), 0
     metrics = run / "metrics.jsonl"
     lines = []
     if resume:
         saved = ckpt_io.load(run)
-        b.load_weights(bundle, saved.weights)
+        b.load_weights(bundle, {**b.state_dict(bundle), **saved.weights} if settings.lora_rank is not None
+                       else saved.weights)
         step_fn.load_state(saved.optimizer)
         ema = EMA(b.from_numpy(bundle, saved.ema))
         rng, start = ckpt_io.rng_from_state(saved.rng), saved.step
@@ -235,7 +240,7 @@ def train(stage: str, data, out, model=None, config: str | None = None, settings
                        for _ in range(settings.accumulate)]
             lr = learning_rate(i, settings.lr, settings.warmup, settings.steps)
             loss = step_fn.accumulate(batches, lr=lr)
-            ema.update(b.weights(bundle), ema_decay(i + 1, max_decay=settings.ema_max_decay))
+            ema.update(trained(b.weights(bundle)), ema_decay(i + 1, max_decay=settings.ema_max_decay))
             b.sync(ema.shadow)
             speed = bs * settings.accumulate / (time.perf_counter() - t0)
             log.write(json.dumps({"step": i + 1, "loss": loss, "lr": lr, "grad_norm": step_fn.grad_norm,
@@ -245,7 +250,9 @@ def train(stage: str, data, out, model=None, config: str | None = None, settings
             if progress:
                 iterator.set_postfix(loss=f"{loss:.4g}", samples_s=f"{speed:.1f}")
             if (i + 1) % settings.checkpoint_every == 0 or i + 1 == end:
-                ckpt_io.save(run, ckpt_io.Checkpoint(i + 1, b.state_dict(bundle), b.to_numpy(bundle, ema.shadow),
+                kept = b.state_dict(bundle) if settings.lora_rank is None else b.to_numpy(
+                    bundle, trained(b.weights(bundle)))
+                ckpt_io.save(run, ckpt_io.Checkpoint(i + 1, kept, b.to_numpy(bundle, ema.shadow),
                                                      step_fn.state(), rng.bit_generator.state, {}))
                 write_curve(run / "loss.png", curve, f"{stage} on {dataset.describe()}, {b.name}")
             if settings.preview_every and (i + 1) % settings.preview_every == 0 and i + 1 < settings.steps:
