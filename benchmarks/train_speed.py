@@ -3,7 +3,7 @@ backend against diffusers' own UNet2DConditionModel + torch.optim.AdamW, same we
 
     python benchmarks/train_speed.py [--size small|karlo] [--batch 4] [--steps 4] [--repeat 2] [--width 1]
                                      [--device cpu] [--backends torch,mlx] [--hybrid] [--profile] [--workdir DIR]
-                                     [--variants gc,bf16,gc+bf16]
+                                     [--variants gc,bf16,gc+bf16,lora,lora+gc] [--no-full]
 
 The model is benchmarks/generate_speed.py's SMALL["decoder"] (Karlo's block types: ResnetDownsampleBlock2D +
 SimpleCrossAttn blocks, scale_shift, identity class embedding, 6 output channels for the learned variance; 64 px,
@@ -51,6 +51,8 @@ from generate_speed import SMALL  # noqa: E402
 
 TOKENS, EXTRA = 81, 4  # Karlo's decoder context: 4 text_proj tokens + 77 text tokens
 LR, CLIP, WARMUP = 1e-4, 1.0, 2
+LORA_RANK = 16  # the lora variants: rank 16, alpha 16, on every attention projection (PEFT's target names)
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_k_proj", "add_v_proj"]
 
 
 def decoder_sizes(size: str, width: float) -> dict:
@@ -134,12 +136,17 @@ def worker(row: str, root: Path, device: str, steps: int, repeat: int, profile: 
         from safetensors.torch import load_file
 
         config = json.loads((root / "config.json").read_text())
-        unet = UNet2DConditionModel.from_config(config).to(device)
-        unet.load_state_dict(load_file(str(root / "decoder.safetensors")), strict=True)
+        with torch.device("meta"):  # diffusers' low_cpu_mem_usage loading: no random init to throw away
+            unet = UNet2DConditionModel.from_config(config)
+        unet.load_state_dict(load_file(str(root / "decoder.safetensors"), device=device), strict=True, assign=True)
         unet.train()
         if "gc" in mods:
             unet.enable_gradient_checkpointing()
-        params = list(unet.parameters())
+        if "lora" in mods:  # PEFT's adapter on the attention projections; add_adapter freezes the rest
+            from peft import LoraConfig
+
+            unet.add_adapter(LoraConfig(r=LORA_RANK, lora_alpha=LORA_RANK, target_modules=LORA_TARGETS))
+        params = [p for p in unet.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
         names = ("x_t", "t", "context", "time_embedding", "keep", "noise")
 
@@ -163,8 +170,6 @@ def worker(row: str, root: Path, device: str, steps: int, repeat: int, profile: 
         if profile:
             phases = (forward, lambda loss: loss.backward(), update)
     else:
-        from safetensors.numpy import load_file
-
         from dalle2_portable.backends import get_backend
         from dalle2_portable.modules import gradient_checkpointing
         from dalle2_portable.spec import UNet2DConditionConfig
@@ -172,11 +177,16 @@ def worker(row: str, root: Path, device: str, steps: int, repeat: int, profile: 
 
         backend = get_backend(kind, device=None if kind == "mlx" else device)
         config = UNet2DConditionConfig.from_hf_config(json.loads((root / "config.json").read_text()))
-        unet = backend.build("unet2d_condition", config)
-        backend.load_weights(unet, load_file(str(root / "decoder.safetensors")))
+        unet = backend.load_component("unet2d_condition", config, str(root / "decoder.safetensors"))
         loss_fn = dict(eps=eps_loss, hybrid=hybrid_loss)[objective]
+        frozen = ()
+        if "lora" in mods:  # the same adapter, B zero as PEFT's; every other weight frozen
+            from dalle2_portable.modules.lora import DEFAULT_TARGETS
+
+            backend.add_lora(unet, LORA_RANK, LORA_RANK, DEFAULT_TARGETS)
+            frozen = [k for k in backend.weights(unet) if ".lora_" not in k]
         gradient_checkpointing(unet, "gc" in mods)
-        train_step = backend.train_step(unet, loss_fn, AdamW(lr=LR, max_grad_norm=CLIP),
+        train_step = backend.train_step(unet, loss_fn, AdamW(lr=LR, max_grad_norm=CLIP), frozen,
                                         dtype="bfloat16" if "bf16" in mods else "float32")
         inputs = (d["x_t"], d["t"], d["context"], d["time_embedding"], d["mask"], d["x0"], d["noise"], terms)
 
@@ -246,7 +256,10 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="split the torch rows' step into its phases")
     ap.add_argument("--variants", default="", help="also rows with these, comma-separated: gc (gradient "
                     "checkpointing; the peer's enable_gradient_checkpointing), bf16 (mixed precision; the peer "
-                    "under torch.autocast), gc+bf16")
+                    "under torch.autocast), lora (rank-16 adapters trained alone; the peer: PEFT's add_adapter), "
+                    "and combinations such as gc+bf16, lora+gc")
+    ap.add_argument("--no-full", action="store_true", help="no full fine-tuning rows, only --variants' (at "
+                    "Karlo size a full step's AdamW state alone is 7 GB)")
     ap.add_argument("--threads", type=int, default=0,
                     help="CPU threads per row (torch, OpenMP, OpenBLAS); 0: the frameworks' defaults")
     ap.add_argument("--workdir", default=None)
@@ -271,7 +284,7 @@ def main() -> None:
         print(f"building the decoder and the batch in {root} ...", file=sys.stderr)
         subprocess.run(cmd + ["--worker", "build"], check=True, env=env)
     backends = args.backends.split(",")
-    rows = ["diffusers:eps", *(f"{b}:eps" for b in backends)]
+    rows = [] if args.no_full else ["diffusers:eps", *(f"{b}:eps" for b in backends)]
     rows += [f"{b}:hybrid" for b in backends] if args.hybrid else []
     for v in filter(None, args.variants.split(",")):
         rows += [f"diffusers:eps+{v}", *(f"{b}:eps+{v}" for b in backends)]

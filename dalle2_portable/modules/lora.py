@@ -2,8 +2,9 @@
 
 `LoRALinear` is a Linear whose weight and bias keep the canonical names ("to_q.weight") beside PEFT's two
 low-rank factors ("to_q.lora_A.weight" (r, in), "to_q.lora_B.weight" (out, r)): y = x W^T + b + (alpha / r)
-B A x. B starts at zero (PEFT's default), so an adapted model starts as its base; A starts as PEFT's
-kaiming_uniform(a=sqrt(5)), U(-1/sqrt(in), 1/sqrt(in)), drawn in NumPy by the caller. The file names of the
+B A x. B starts at zero (PEFT's default), so an adapted model starts as its base; A starts as the
+framework's Linear init, PEFT's kaiming_uniform(a=sqrt(5)) = U(-1/sqrt(in), 1/sqrt(in)); training draws it
+again in NumPy (train/loop.py), so both backends start from the same factors. The file names of the
 factors are exactly diffusers' (lora.py writes "unet.<path>.lora_A.weight").
 
 `add_lora(tree, rank, alpha, targets)` replaces, in a built tree (a component or a Bundle), every Linear whose
@@ -29,6 +30,7 @@ class LoRALinear(Module):
             self.bias = F.Parameter((out_features,))
         self.lora_A = F.Linear(in_features, rank, bias=False)
         self.lora_B = F.Linear(rank, out_features, bias=False)
+        self.lora_B.weight = F.Parameter((out_features, rank))  # zeros: the adapted layer starts as its base
         self.scaling = alpha / rank
 
     def forward(self, x):
