@@ -84,7 +84,7 @@ def test_one_lora_step_agrees_across_backends_and_moves_only_the_adapters(models
 def test_a_lora_fine_tune_of_karlo_lowers_its_loss_and_its_file_works_everywhere(models, tmp_path):
     """`dalle2 train decoder --lora 4` on ten pictures: the loss falls, OUT/lora's file holds the adapters only
     (every base weight stays in the base model), diffusers' load_lora_adapter reads it into the same decoder
-    output as ours, and the run resumes."""
+    output as ours, and the run resumes, on the other backend."""
     from diffusers import UNet2DConditionModel
     from test_lora import _ours, _theirs
     from test_train_karlo import folder as make_folder
@@ -98,8 +98,8 @@ def test_a_lora_fine_tune_of_karlo_lowers_its_loss_and_its_file_works_everywhere
     backend = BACKENDS[0]
     d2.train("decoder", pictures, tmp_path / "run", models["karlo"], clip=models["iv"], backend=backend,
              settings=settings, stop_at=20)
-    out = d2.train("decoder", pictures, tmp_path / "run", models["karlo"], clip=models["iv"], backend=backend,
-                   settings=settings, resume=True)
+    out = d2.train("decoder", pictures, tmp_path / "run", models["karlo"], clip=models["iv"], backend=BACKENDS[-1],
+                   settings=settings, resume=True)  # on the other backend when both are here
     assert out == tmp_path / "run" / "lora" / "pytorch_lora_weights.safetensors" and not (tmp_path / "run" /
                                                                                           "model").exists()
     losses = [json.loads(x)["loss"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -120,3 +120,17 @@ def test_a_lora_fine_tune_of_karlo_lowers_its_loss_and_its_file_works_everywhere
     with pytest.raises(Dalle2Error, match="matches no Linear of the decoder"):
         d2.train("decoder", pictures, tmp_path / "y", models["karlo"], clip=models["iv"], backend=backend,
                  settings=TrainSettings(**{**settings.__dict__, "lora_targets": "nothing"}))
+
+
+def test_the_prior_trains_an_adapter_too(models, tmp_path):
+    """Any stage takes --lora: the prior's attention projections, its file prefixed "prior.", loadable."""
+    import dalle2_portable as d2
+    from dalle2_portable.train.settings import TrainSettings
+
+    settings = TrainSettings(steps=3, batch_size=4, data_size=16, checkpoint_every=3, lora_rank=2)
+    out = d2.train("prior", "shapes", tmp_path / "run", models["karlo"], clip=models["iv"], backend=BACKENDS[0],
+                   settings=settings)
+    keys = list(load_file(out))
+    assert keys and all(k.startswith("prior.") and ".attn1." in k for k in keys)
+    pipe = d2.load_pipeline(models["karlo"], backend=BACKENDS[0], lora=[out])
+    assert {c for c, _ in pipe.adapters[0].layers} == {"prior"}
