@@ -16,7 +16,7 @@ Dialects read (`read_adapter`):
                encoder)
 Without an alpha anywhere, alpha = r (scale 1), diffusers' reading. A key that names no module of the model is an
 error naming it, never skipped. `write_adapter` writes the diffusers dialect with its metadata, which diffusers'
-`load_lora_weights` / `load_lora_adapter(prefix="unet")` and PEFT read.
+`load_lora_weights` / `load_lora_adapter(prefix="unet")` and PEFT read, or kohya's (ComfyUI, A1111).
 """
 
 from __future__ import annotations
@@ -174,13 +174,20 @@ def _no_module(key: str, component: str | None, where: str):
                       "(or another version of it)")
 
 
-def write_adapter(path, adapter: Adapter, targets: list[str] | None = None) -> Path:
+def write_adapter(path, adapter: Adapter, targets: list[str] | None = None, dialect: str = "diffusers",
+                  overwrite: bool = True) -> Path:
     """The diffusers dialect (pipeline save_lora_weights): prefixed keys, fp32, and per component the LoRA
-    config as diffusers packs it into the metadata ("unet.r", "unet.lora_alpha", ...). Atomic."""
+    config as diffusers packs it into the metadata ("unet.r", "unet.lora_alpha", ...); or kohya's
+    ("lora_unet_<path with _>.lora_down.weight", ".lora_up.weight", ".alpha"; the decoder and the text encoder
+    only, the components kohya names). Atomic."""
     from safetensors.numpy import save
 
     from .images import write_atomic
 
+    if dialect == "kohya":
+        return write_atomic(Path(path), lambda f: f.write(save(_kohya(adapter))), overwrite, ".safetensors")
+    if dialect != "diffusers":
+        raise Dalle2Error(f"unknown LoRA dialect {dialect!r}; write diffusers or kohya")
     tensors, config = {}, {}
     for (component, module), layer in sorted(adapter.layers.items()):
         prefix = PREFIXES.get(component, component)
@@ -202,8 +209,22 @@ def write_adapter(path, adapter: Adapter, targets: list[str] | None = None) -> P
         metadata.update({f"{prefix}.{k}": v for k, v in packed.items()})
     blob = save(tensors, metadata={"format": "pt", METADATA_KEY: json.dumps(metadata, indent=2, sort_keys=True)})
     path = Path(path)
-    write_atomic(path, lambda f: f.write(blob), True, ".safetensors")
+    write_atomic(path, lambda f: f.write(blob), overwrite, ".safetensors")
     return path
+
+
+def _kohya(adapter: Adapter) -> dict[str, np.ndarray]:
+    names = {component: prefix for prefix, component in KOHYA.items()}
+    tensors = {}
+    for (component, module), layer in sorted(adapter.layers.items()):
+        if component not in names:
+            raise Dalle2Error(f"kohya files name the decoder (lora_unet_) and the text encoder (lora_te_) only, "
+                              f"not the {component}; write the diffusers dialect")
+        stem = f"{names[component]}_{module.replace('.', '_')}"
+        tensors[f"{stem}.lora_down.weight"] = np.ascontiguousarray(layer.down, np.float32)
+        tensors[f"{stem}.lora_up.weight"] = np.ascontiguousarray(layer.up, np.float32)
+        tensors[f"{stem}.alpha"] = np.array(layer.alpha, np.float32)
+    return tensors
 
 
 def fuse(state: dict[str, np.ndarray], adapter: Adapter, component: str, scale: float = 1.0) -> dict:
@@ -253,12 +274,25 @@ def merge_into(backend, spec, modules: dict, loras) -> list[Adapter]:
     return [adapter for adapter, _ in adapters]
 
 
+def file_module_paths(model_dir) -> dict[str, set[str]]:
+    """module_paths of a model directory, read from its weight files' keys (no backend)."""
+    from safetensors import safe_open
+
+    from . import store
+
+    spec = store.read_spec(model_dir)
+    paths = {}
+    for name in spec.components:
+        with safe_open(str(store.component_path(model_dir, spec, name)), framework="numpy") as f:
+            paths[name] = {k[: -len(".weight")] for k in f.keys() if k.endswith(".weight")}
+    return paths
+
+
 def fuse_model(model_dir, loras, out, overwrite: bool = False) -> Path:
     """A copy of the model directory `model_dir` with each (file, scale) of `loras` merged into its weights,
     written atomically to `out` with fresh checksums. NumPy only: no backend is loaded."""
     import shutil
 
-    from safetensors import safe_open
     from safetensors.numpy import load_file, save_file
 
     from . import store
@@ -266,10 +300,7 @@ def fuse_model(model_dir, loras, out, overwrite: bool = False) -> Path:
     model_dir = Path(model_dir)
     spec = store.read_spec(model_dir)
     files = {name: store.component_path(model_dir, spec, name) for name in spec.components}
-    paths = {}
-    for name, file in files.items():
-        with safe_open(str(file), framework="numpy") as f:
-            paths[name] = {k[: -len(".weight")] for k in f.keys() if k.endswith(".weight")}
+    paths = file_module_paths(model_dir)
     adapters = [(read_adapter(file, paths), float(scale)) for file, scale in loras]
     with store.atomic_directory(out, overwrite=overwrite) as tmp:
         shutil.copytree(model_dir, tmp, dirs_exist_ok=True)

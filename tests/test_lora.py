@@ -22,7 +22,7 @@ import dalle2_portable as d2
 from dalle2_portable import store
 from dalle2_portable.errors import Dalle2Error
 from dalle2_portable.images import read_png_metadata
-from dalle2_portable.lora import Adapter, LoRALayer, parse_spec, write_adapter
+from dalle2_portable.lora import Adapter, LoRALayer, parse_spec, read_adapter, write_adapter
 from dalle2_portable.modules.unet import decoder_attention_mask
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_k_proj", "add_v_proj"]
@@ -219,3 +219,22 @@ def test_generate_takes_lora_and_its_png_regenerates(models, tmp_path):
     assert np.array_equal(pixels[0], pixels[1]) and not np.array_equal(pixels[0], pixels[2])
     assert "does not exist" in cli("vary", tmp_path / "a.png", *few, "--lora", tmp_path / "none.safetensors",
                                    "-o", tmp_path / "v.png", ok=False).output
+
+
+def test_convert_writes_kohya_and_back(models, tmp_path):
+    path = write_adapter(tmp_path / "pytorch_lora_weights.safetensors", _our_adapter(models))
+    cli("lora", "convert", models["karlo"], path, tmp_path / "k.safetensors", "--to", "kohya")
+    keys = list(load_file(tmp_path / "k.safetensors"))
+    assert all(k.startswith("lora_unet_") and k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha"))
+               for k in keys)
+    cli("lora", "convert", models["karlo"], tmp_path / "k.safetensors", tmp_path / "d.safetensors", "--to",
+        "diffusers")
+    outs = [_ours(d2.load_pipeline(models["karlo"], backend=BACKENDS[0], lora=[p]))
+            for p in (path, tmp_path / "k.safetensors", tmp_path / "d.safetensors")]
+    assert np.array_equal(outs[0], outs[1]) and np.array_equal(outs[0], outs[2])
+    assert "refusing to overwrite" in cli("lora", "convert", models["karlo"], path, tmp_path / "k.safetensors",
+                                         ok=False).output
+    prior = write_adapter(tmp_path / "p.safetensors", Adapter({("prior", "x"): LoRALayer(
+        np.zeros((1, 2), np.float32), np.zeros((2, 1), np.float32), 1.0)}))
+    with pytest.raises(Dalle2Error, match="kohya files name the decoder"):
+        write_adapter(tmp_path / "pk.safetensors", read_adapter(prior, {"prior": {"x"}}), dialect="kohya")
