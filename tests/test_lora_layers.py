@@ -139,3 +139,16 @@ def test_the_prior_trains_an_adapter_too(models, tmp_path):
     assert keys and all(k.startswith("prior.") and ".attn1." in k for k in keys)
     pipe = d2.load_pipeline(models["karlo"], backend=BACKENDS[0], lora=[out])
     assert {c for c, _ in pipe.adapters[0].layers} == {"prior"}
+
+
+def test_an_upsampler_adapts_the_linears_it_is_given(models, tmp_path):
+    """No attention in the upsamplers: the default targets are one line saying so; --lora-targets names others."""
+    import dalle2_portable as d2
+    from dalle2_portable.train.settings import TrainSettings
+
+    settings = TrainSettings(steps=2, batch_size=2, data_size=8, checkpoint_every=2, lora_rank=2)
+    with pytest.raises(Dalle2Error, match="the super_res has no attention projection to adapt"):
+        d2.train("super_res", "shapes", tmp_path / "a", models["iv"], backend=BACKENDS[0], settings=settings)
+    out = d2.train("super_res", "shapes", tmp_path / "b", models["iv"], backend=BACKENDS[0],
+                   settings=TrainSettings(**{**settings.__dict__, "lora_targets": r".*time_emb_proj"}))
+    assert all(k.startswith("super_res_first.") and ".time_emb_proj.lora_" in k for k in load_file(out))

@@ -267,6 +267,9 @@ def _add_lora(b, bundle, stage: str, settings: TrainSettings) -> tuple[str, ...]
     from the run's seed), B zero; returns every other weight's name: what the step keeps as it is."""
     targets = settings.lora_targets or DEFAULT_TARGETS
     paths = b.add_lora(bundle, settings.lora_rank, settings.lora_alpha or settings.lora_rank, targets)
+    if not paths and settings.lora_targets is None:
+        raise Dalle2Error(f"the {stage} has no attention projection to adapt; name its Linears with "
+                          "--lora-targets REGEX (e.g. '.*time_emb_proj')")
     if not paths:
         raise Dalle2Error(f"--lora-targets {targets!r} matches no Linear of the {stage}'s components; paths read "
                           "like decoder.mid_block.attentions.0.to_q")
