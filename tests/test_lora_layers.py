@@ -128,13 +128,15 @@ def test_a_lora_fine_tune_of_karlo_lowers_its_loss_and_its_file_works_everywhere
 
 
 def test_the_prior_trains_an_adapter_too(models, tmp_path):
-    """Any stage takes --lora: the prior's attention projections, its file prefixed "prior.", loadable."""
+    """Any stage takes --lora: the prior's attention projections, its file prefixed "prior.", loadable, and
+    previewed through the base model with the adapter merged."""
     import dalle2_portable as d2
     from dalle2_portable.train.settings import TrainSettings
 
-    settings = TrainSettings(steps=3, batch_size=4, data_size=16, checkpoint_every=3, lora_rank=2)
+    settings = TrainSettings(steps=3, batch_size=4, data_size=16, checkpoint_every=3, lora_rank=2, preview_every=3)
     out = d2.train("prior", "shapes", tmp_path / "run", models["karlo"], clip=models["iv"], backend=BACKENDS[0],
                    settings=settings)
+    assert (tmp_path / "run" / "previews" / "step-000003.png").is_file()  # the base model with the adapter
     keys = list(load_file(out))
     assert keys and all(k.startswith("prior.") and ".attn1." in k for k in keys)
     pipe = d2.load_pipeline(models["karlo"], backend=BACKENDS[0], lora=[out])
