@@ -145,7 +145,12 @@ def worker(row: str, root: Path, device: str, steps: int, repeat: int, profile: 
         if "lora" in mods:  # PEFT's adapter on the attention projections; add_adapter freezes the rest
             from peft import LoraConfig
 
+            if "bf16" in mods:  # diffusers' LoRA scripts: the frozen base in bf16, the adapters float32
+                unet.to(torch.bfloat16)
             unet.add_adapter(LoraConfig(r=LORA_RANK, lora_alpha=LORA_RANK, target_modules=LORA_TARGETS))
+            for p in unet.parameters():
+                if p.requires_grad:
+                    p.data = p.data.float()
         params = [p for p in unet.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
         names = ("x_t", "t", "context", "time_embedding", "keep", "noise")
@@ -185,6 +190,8 @@ def worker(row: str, root: Path, device: str, steps: int, repeat: int, profile: 
 
             backend.add_lora(unet, LORA_RANK, LORA_RANK, DEFAULT_TARGETS)
             frozen = [k for k in backend.weights(unet) if ".lora_" not in k]
+            if "bf16" in mods:  # as train/loop.py: the frozen base held in bf16
+                backend.hold_in(unet, frozen, "bfloat16")
         gradient_checkpointing(unet, "gc" in mods)
         train_step = backend.train_step(unet, loss_fn, AdamW(lr=LR, max_grad_norm=CLIP), frozen,
                                         dtype="bfloat16" if "bf16" in mods else "float32")

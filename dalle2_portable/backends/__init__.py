@@ -84,6 +84,11 @@ class Backend(ABC):
 
         return add_lora(module, rank, alpha, targets)
 
+    def hold_in(self, module, names, dtype: str) -> None:
+        """Keep the weights `names` of `module` in `dtype` from now on (a LoRA run's frozen base in bfloat16:
+        they are never updated, so a float32 copy of them would only be memory)."""
+        raise NotImplementedError
+
     @abstractmethod
     def build(self, component_type: str, config: Any):
         """A module with random initial weights, on this backend's device and dtype."""

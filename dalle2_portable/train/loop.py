@@ -180,6 +180,8 @@ def train(stage: str, data, out, model=None, config: str | None = None, settings
     frozen = FROZEN[stage] + tuple(settings.freeze)
     if settings.lora_rank is not None:  # the adapters train, every other weight stays
         frozen = _add_lora(b, bundle, stage, settings)
+        if settings.dtype == "bfloat16":  # mixed precision: the frozen base needs no float32 master copy
+            b.hold_in(bundle, frozen, "bfloat16")
     gradient_checkpointing(bundle, settings.gradient_checkpointing)
     step_fn = b.train_step(bundle, LOSSES[stage], settings.optimizer, frozen, dtype=settings.dtype)
 

@@ -41,7 +41,7 @@ OPENBLAS_LOADED = _preload_openblas()
 import mlx.core as mx  # noqa: E402  (after the BLAS preload, on purpose)
 import mlx.nn as nn  # noqa: E402
 import numpy as np  # noqa: E402
-from mlx.utils import tree_flatten  # noqa: E402
+from mlx.utils import tree_flatten, tree_unflatten  # noqa: E402
 
 from ...errors import Dalle2Error  # noqa: E402
 from .. import Backend  # noqa: E402
@@ -121,6 +121,11 @@ class MLXBackend(Backend):
         module.eval()
         self.load_file(module, path)
         return module
+
+    def hold_in(self, module, names, dtype):
+        names, kind = set(names), {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}[dtype]
+        module.update(tree_unflatten([(k, v.astype(kind)) for k, v in tree_flatten(module.parameters())
+                                      if k in names]))
 
     def state_dict(self, module):
         return self.to_numpy(module, self.weights(module))

@@ -45,6 +45,12 @@ class TorchBackend(Backend):
         with torch.device(self.device):
             return super().add_lora(module, rank, alpha, targets)
 
+    def hold_in(self, module, names, dtype):
+        names = set(names)
+        for name, p in module.named_parameters():
+            if name in names:
+                p.data = p.data.to(_DTYPES[dtype])
+
     def parameter_shapes(self, component_type, config):
         with torch.device("meta"):  # shapes without allocating a byte
             module = self.new(component_type, config)
