@@ -22,7 +22,8 @@ Rows, each in its own process (one framework per process, as the other benchmark
   --hybrid    adds ours with the hybrid objective (epsilon MSE + `variational_bound`); the peer has no such
               loss, so those rows are compared with our torch hybrid row, and their ratio is to the peer's MSE step
 Each row runs 2 warm-up steps, then --repeat times --steps steps; the time per step is the best repeat's mean.
-Peak RSS is the row process's ru_maxrss (model, optimiser state, activations). The first warm-up step's loss is
+Peak RSS is the row process's ru_maxrss (model, optimiser state, activations); "of which loading" is its value
+before the first step (the weights loaded, and for the lora rows adapted and cast). The first warm-up step's loss is
 printed with its relative difference to the peer's (same weights, same batch: they must agree to ~1e-5), and
 the last timed step's loss (after the same 2 + repeat x steps updates: a check that the AdamW steps agree).
 On a shared machine pass --threads 1: torch's OpenMP threads wait on each other, and with one of 2 cores taken by
@@ -214,6 +215,7 @@ def worker(row: str, root: Path, device: str, steps: int, repeat: int, profile: 
 
             phases = (forward, lambda loss: loss.backward(), update)
 
+    loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # the peak before any step
     first = [step() for _ in range(WARMUP)][0]
     best = float("inf")
     for _ in range(repeat):
@@ -221,7 +223,7 @@ def worker(row: str, root: Path, device: str, steps: int, repeat: int, profile: 
         for _ in range(steps):
             last = step()
         best = min(best, (time.perf_counter() - t0) / steps)
-    out = dict(step=best, first_loss=first, last_loss=last,
+    out = dict(step=best, first_loss=first, last_loss=last, loaded_rss=loaded,
                rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
     if kind == "mlx":
         from dalle2_portable.backends import mlx as mlx_backend
@@ -314,9 +316,9 @@ def main() -> None:
           f"{total:,} parameters, {sizes['sample_size']} px, batch {args.batch}, fp32, device {args.device}, "
           f"{args.threads or 'default'} threads; "
           f"one AdamW step (clip {CLIP}), best of {args.repeat} x {args.steps} steps after {WARMUP} warm-up\n")
-    print("| runner | loss | s / step | samples / s | vs diffusers | peak RSS GiB | first-step loss | vs reference "
-          "| last-step loss |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("| runner | loss | s / step | samples / s | vs diffusers | peak RSS GiB | of which loading | first-step "
+          "loss | vs reference | last-step loss |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for row, r in results.items():
         kind, objective = row.split(":")
         objective, *mods = objective.split("+")
@@ -330,6 +332,7 @@ def main() -> None:
             f"{abs(r['first_loss'] - ref['first_loss']) / abs(ref['first_loss']):.1e}"
         name = "eps MSE" if objective == "eps" else "eps MSE + L_vlb"
         print(f"| {label} | {name} | {r['step']:.3f} | {args.batch / r['step']:.2f} | {ratio} | {r['rss']:.2f} | "
+              f"{r['loaded_rss']:.2f} | "
               f"{r['first_loss']:.7g} | {rel} | {r['last_loss']:.7g} |")
     if args.hybrid:
         print("\nThe peer has no variational bound: the hybrid rows' reference loss is ours on torch; their ratio "
