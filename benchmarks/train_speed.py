@@ -183,7 +183,8 @@ def worker(row: str, root: Path, device: str, steps: int, repeat: int, profile: 
 
         backend = get_backend(kind, device=None if kind == "mlx" else device)
         config = UNet2DConditionConfig.from_hf_config(json.loads((root / "config.json").read_text()))
-        unet = backend.load_component("unet2d_condition", config, str(root / "decoder.safetensors"))
+        held = "bfloat16" if "lora" in mods and "bf16" in mods else None  # as train/loop.py: the base in bf16
+        unet = backend.load_component("unet2d_condition", config, str(root / "decoder.safetensors"), held)
         loss_fn = dict(eps=eps_loss, hybrid=hybrid_loss)[objective]
         frozen = ()
         if "lora" in mods:  # the same adapter, B zero as PEFT's; every other weight frozen

@@ -173,3 +173,18 @@ def test_a_bf16_lora_step_holds_the_base_in_bf16(models):
         losses[name] = step(*inputs, lr=1e-3)
         assert all("float32" in str(v.dtype) for k, v in b.weights(bundle).items() if ".lora_" in k), name
     assert abs(losses["mlx"] - losses["torch"]) <= 5e-3 * losses["torch"], losses  # measured 7.7e-4
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_a_component_loads_straight_into_bf16(models, backend):
+    """load_component(dtype="bfloat16"), a bf16 LoRA run's base: each weight is the float32 file's, rounded."""
+    b = get_backend(backend)
+    spec = store.read_spec(models["iv"])
+    cfg, path = spec.components["decoder"].config, str(store.component_path(models["iv"], spec, "decoder"))
+    held, full = (b.load_component(cfg.TYPE, cfg, path, dtype) for dtype in ("bfloat16", None))
+    assert all("bfloat16" in str(v.dtype) for v in b.weights(held).values())
+    import torch  # the reference rounding to bfloat16 (NumPy has no bfloat16)
+
+    ours = b.state_dict(held)
+    for k, v in b.state_dict(full).items():
+        assert np.array_equal(ours[k], torch.from_numpy(v).to(torch.bfloat16).float().numpy()), k

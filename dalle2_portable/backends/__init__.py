@@ -107,8 +107,8 @@ class Backend(ABC):
         """Copy canonical-layout weights into `module` strictly (missing, extra, misshaped all raise)."""
 
     @abstractmethod
-    def load_file(self, module, path: str) -> None:
-        """Load a canonical safetensors file into `module` strictly, cast to this backend's dtype."""
+    def load_file(self, module, path: str, dtype: str | None = None) -> None:
+        """Load a canonical safetensors file into `module` strictly, cast to this backend's dtype (or `dtype`)."""
 
     @abstractmethod
     def state_dict(self, module) -> dict[str, np.ndarray]:
@@ -186,10 +186,11 @@ class Backend(ABC):
     def sync(self, arrays) -> None:
         """Make sure arrays computed outside a step are computed (MLX is lazy; torch is not)."""
 
-    def load_component(self, component_type: str, config: Any, path: str):
-        """Build a component and load its weights (the caller validated the file with `store.validate`)."""
+    def load_component(self, component_type: str, config: Any, path: str, dtype: str | None = None):
+        """Build a component and load its weights (the caller validated the file with `store.validate`), in
+        this backend's dtype or `dtype` (a LoRA run's frozen base in bfloat16)."""
         module = self.build(component_type, config)
-        self.load_file(module, path)
+        self.load_file(module, path, dtype)
         return module
 
 

@@ -170,7 +170,8 @@ def train(stage: str, data, out, model=None, config: str | None = None, settings
     run.mkdir(parents=True, exist_ok=True)
     write_atomic(run / "run.json", lambda f: f.write(json.dumps(record, indent=1).encode()), True, ".json")
 
-    parts = {name: _component(b, base, spec, name, cfg, config is None, settings.seed, embeddings)
+    held = "bfloat16" if settings.lora_rank is not None and settings.dtype == "bfloat16" else None
+    parts = {name: _component(b, base, spec, name, cfg, config is None, settings.seed, embeddings, held)
              for name, cfg in configs.items()}
     if stage == "clip":  # the temperature: the base model's when fine-tuning, else CLIP's initial one
         parts["logit_scale"] = b.build("clip_logit_scale", None)
@@ -351,11 +352,13 @@ class _Context:
     clip: CLIP | None = None
 
 
-def _component(b, base: Path, spec: ModelSpec, name: str, cfg, fine_tune: bool, seed: int, embeddings):
-    """One component to train: the base model's weights, or NumPy's initial weights (the same on every
-    backend; a prior's CLIP statistics those of the data)."""
+def _component(b, base: Path, spec: ModelSpec, name: str, cfg, fine_tune: bool, seed: int, embeddings,
+               dtype: str | None = None):
+    """One component to train: the base model's weights (in `dtype`: a bfloat16 LoRA run's frozen base, read
+    a tensor at a time), or NumPy's initial weights (the same on every backend; a prior's CLIP statistics
+    those of the data)."""
     if fine_tune:
-        return b.load_component(cfg.TYPE, cfg, str(store.component_path(base, spec, name)))
+        return b.load_component(cfg.TYPE, cfg, str(store.component_path(base, spec, name)), dtype)
     module = b.build(cfg.TYPE, cfg)
     weights = initial_weights(b.parameter_shapes(cfg.TYPE, cfg), seed)
     if name == "prior":

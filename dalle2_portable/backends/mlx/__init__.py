@@ -103,9 +103,9 @@ class MLXBackend(Backend):
             out[name] = (shape[0], shape[3], shape[1], shape[2]) if name in convs and len(shape) == 4 else shape
         return out
 
-    def _load(self, module, weights: list[tuple[str, mx.array]]) -> None:
-        convs = _conv_weights(module)
-        weights = [(k, _to_mlx_layout(k, v, convs).astype(self.mx_dtype)) for k, v in weights]
+    def _load(self, module, weights: list[tuple[str, mx.array]], dtype=None) -> None:
+        convs, kind = _conv_weights(module), _DTYPES[dtype] if dtype else self.mx_dtype
+        weights = [(k, _to_mlx_layout(k, v, convs).astype(kind)) for k, v in weights]
         module.load_weights(weights, strict=True)  # strict: missing, extra and misshaped all raise
         with mx.stream(self.stream):
             mx.eval(module.parameters())
@@ -113,17 +113,17 @@ class MLXBackend(Backend):
     def load_weights(self, module, tensors):
         self._load(module, [(k, mx.array(np.require(v, requirements="C"))) for k, v in tensors.items()])
 
-    def load_file(self, module, path):
-        self._load(module, list(mx.load(str(path)).items()))
+    def load_file(self, module, path, dtype=None):
+        self._load(module, list(mx.load(str(path)).items()), dtype)
 
-    def load_component(self, component_type, config, path):
+    def load_component(self, component_type, config, path, dtype=None):
         module = self.new(component_type, config)  # lazy init, replaced before it is ever evaluated
         module.eval()
-        self.load_file(module, path)
+        self.load_file(module, path, dtype)
         return module
 
     def hold_in(self, module, names, dtype):
-        names, kind = set(names), {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}[dtype]
+        names, kind = set(names), _DTYPES[dtype]
         module.update(tree_unflatten([(k, v.astype(kind)) for k, v in tree_flatten(module.parameters())
                                       if k in names]))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from ...errors import Dalle2Error
@@ -59,16 +60,24 @@ class TorchBackend(Backend):
     def load_weights(self, module, tensors):
         module.load_state_dict(self.from_numpy(module, tensors), strict=True)
 
-    def load_file(self, module, path):
+    def load_file(self, module, path, dtype=None):
         # Each tensor is read once, cast, and assigned in place of the random init (no second copy).
-        sd = load_file(str(path), device="cpu")
-        sd = {k: v.to(self.device, self.torch_dtype) for k, v in sd.items()}
+        target = _DTYPES[dtype] if dtype else self.torch_dtype
+        if target == torch.float32:  # the file's own tensors, memory-mapped: pages are read as they are used
+            sd = {k: v.to(self.device, target) for k, v in load_file(str(path), device="cpu").items()}
+        else:  # cast one tensor at a time, its mapping closed after it: the peak is the cast copy, not both
+            with safe_open(str(path), framework="pt") as f:
+                keys = list(f.keys())
+            sd = {}
+            for k in keys:
+                with safe_open(str(path), framework="pt") as f:
+                    sd[k] = f.get_tensor(k).to(self.device, target)
         module.load_state_dict(sd, strict=True, assign=True)
 
-    def load_component(self, component_type, config, path):
+    def load_component(self, component_type, config, path, dtype=None):
         with torch.device("meta"):  # no random init to throw away: the file's tensors are assigned
             module = self.new(component_type, config)
-        self.load_file(module, path)
+        self.load_file(module, path, dtype)
         return module.eval()
 
     def state_dict(self, module):
