@@ -192,8 +192,6 @@ def worker(row: str, root: Path, device: str, steps: int, repeat: int, profile: 
 
             backend.add_lora(unet, LORA_RANK, LORA_RANK, DEFAULT_TARGETS)
             frozen = [k for k in backend.weights(unet) if ".lora_" not in k]
-            if "bf16" in mods:  # as train/loop.py: the frozen base held in bf16
-                backend.hold_in(unet, frozen, "bfloat16")
         gradient_checkpointing(unet, "gc" in mods)
         train_step = backend.train_step(unet, loss_fn, AdamW(lr=LR, max_grad_norm=CLIP), frozen,
                                         dtype="bfloat16" if "bf16" in mods else "float32")

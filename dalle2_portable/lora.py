@@ -174,8 +174,7 @@ def _no_module(key: str, component: str | None, where: str):
                       "(or another version of it)")
 
 
-def write_adapter(path, adapter: Adapter, targets: list[str] | None = None, dialect: str = "diffusers",
-                  overwrite: bool = True) -> Path:
+def write_adapter(path, adapter: Adapter, dialect: str = "diffusers", overwrite: bool = True) -> Path:
     """The diffusers dialect (pipeline save_lora_weights): prefixed keys, fp32, and per component the LoRA
     config as diffusers packs it into the metadata ("unet.r", "unet.lora_alpha", ...); or kohya's
     ("lora_unet_<path with _>.lora_down.weight", ".lora_up.weight", ".alpha"; the decoder and the text encoder
@@ -202,8 +201,7 @@ def write_adapter(path, adapter: Adapter, targets: list[str] | None = None, dial
         alpha = max(set(alphas), key=alphas.count)
         packed = {"r": r, "lora_alpha": alpha, "lora_dropout": 0.0, "bias": "none", "use_dora": False,
                   "use_rslora": False, "init_lora_weights": True,
-                  "target_modules": sorted(targets or {m.rsplit(".", 1)[-1] if not m.split(".")[-1].isdigit()
-                                                       else m for m, _ in layers}),
+                  "target_modules": sorted(m for m, _ in layers),  # PEFT matches a full path exactly
                   "rank_pattern": {f"^{m}$": lay.rank for m, lay in layers if lay.rank != r},
                   "alpha_pattern": {f"^{m}$": lay.alpha for m, lay in layers if lay.alpha != alpha}}
         metadata.update({f"{prefix}.{k}": v for k, v in packed.items()})
@@ -251,31 +249,37 @@ def parse_spec(text: str) -> tuple[str, float]:
     return str(text), 1.0
 
 
-def module_paths(backend, spec, names) -> dict[str, set[str]]:
-    """{component: the module paths holding a weight}, from the configs (nothing allocated)."""
-    out = {}
-    for name in names:
-        comp = spec.components[name]
-        out[name] = {k[: -len(".weight")] for k in backend.parameter_shapes(comp.type, comp.config)
-                     if k.endswith(".weight")}
-    return out
+def _read_all(loras, paths) -> list[tuple[Adapter, float]]:
+    return [(read_adapter(file, paths), float(scale)) for file, scale in loras]
 
 
-def merge_into(backend, spec, modules: dict, loras) -> list[Adapter]:
-    """Merge each (file, scale) of `loras` into the loaded `modules` ({component: module}) in place; the
-    adapters read. Only the components an adapter touches are read back and loaded again."""
-    paths = module_paths(backend, spec, modules)
-    adapters = [(read_adapter(file, paths), float(scale)) for file, scale in loras]
-    for component in sorted({c for adapter, _ in adapters for c in adapter.components()}):
-        state = backend.state_dict(modules[component])
-        for adapter, scale in adapters:
-            state = fuse(state, adapter, component, scale)
-        backend.load_weights(modules[component], state)
+def _merged(state: dict, adapters: list[tuple[Adapter, float]], component: str) -> dict:
+    """`state` with every adapter's layers of `component` added at its scale."""
+    for adapter, scale in adapters:
+        state = fuse(state, adapter, component, scale)
+    return state
+
+
+def _touched(adapters: list[tuple[Adapter, float]]) -> list[str]:
+    return sorted({c for adapter, _ in adapters for c in adapter.components()})
+
+
+def merge_into(backend, model_dir, modules: dict, loras) -> list[Adapter]:
+    """Merge each (file, scale) of `loras` into the loaded `modules` ({component: module}) of the model in
+    `model_dir`, in place; the adapters read. Only the adapted weights are read back and loaded again."""
+    paths = {k: v for k, v in file_module_paths(model_dir).items() if k in modules}
+    adapters = _read_all(loras, paths)
+    for component in _touched(adapters):
+        names = {f"{m}.weight" for adapter, _ in adapters for c, m in adapter.layers if c == component}
+        module = modules[component]
+        state = backend.to_numpy(module, {k: v for k, v in backend.weights(module).items() if k in names})
+        backend.load_weights(module, _merged(state, adapters, component), partial=True)
     return [adapter for adapter, _ in adapters]
 
 
 def file_module_paths(model_dir) -> dict[str, set[str]]:
-    """module_paths of a model directory, read from its weight files' keys (no backend)."""
+    """{component: the module paths holding a weight}, read from the model directory's weight files' keys
+    (nothing loaded)."""
     from safetensors import safe_open
 
     from . import store
@@ -300,14 +304,11 @@ def fuse_model(model_dir, loras, out, overwrite: bool = False) -> Path:
     model_dir = Path(model_dir)
     spec = store.read_spec(model_dir)
     files = {name: store.component_path(model_dir, spec, name) for name in spec.components}
-    paths = file_module_paths(model_dir)
-    adapters = [(read_adapter(file, paths), float(scale)) for file, scale in loras]
+    adapters = _read_all(loras, file_module_paths(model_dir))
     with store.atomic_directory(out, overwrite=overwrite) as tmp:
         shutil.copytree(model_dir, tmp, dirs_exist_ok=True)
-        for component in sorted({c for adapter, _ in adapters for c in adapter.components()}):
-            state = load_file(str(files[component]))
-            for adapter, scale in adapters:
-                state = fuse(state, adapter, component, scale)
+        for component in _touched(adapters):
+            state = _merged(load_file(str(files[component])), adapters, component)
             save_file(state, str(tmp / spec.components[component].weights))
         about = dict(store.read_about(model_dir) or {})
         about["lora_fused"] = [f"{adapter.source}:{scale:g}" for adapter, scale in adapters]

@@ -127,11 +127,12 @@ class Pipeline:
         self._schedules = {k: UnCLIPSchedule(c) for k, c in self.spec.schedulers.items()}
         self._empty = None
         self.lora: tuple[tuple[str, float], ...] = ()  # (file, scale) of each adapter merged, for the metadata
+        self.adapters = []
         if lora:  # LoRA adapters, merged into the weights (lora.py): (file, scale) pairs or "FILE[:SCALE]"
             from .lora import merge_into, parse_spec
 
             pairs = [parse_spec(x) if isinstance(x, (str, os.PathLike)) else x for x in lora]
-            self.adapters = merge_into(backend, self.spec, self.components, pairs)
+            self.adapters = merge_into(backend, self.model_dir, self.components, pairs)
             self.lora = tuple((a.source, float(scale)) for a, (_, scale) in zip(self.adapters, pairs))
 
     @property

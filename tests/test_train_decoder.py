@@ -42,11 +42,12 @@ def _inputs(spec, seed: int = 0):
             mask, x0, noise, np.ones(b, np.float32), terms), text_mask
 
 
-def _bundle(backend: str, model_dir):
+def _bundle(backend: str, model_dir, dtype=None):
     b = get_backend(backend)
     spec = store.read_spec(model_dir)
     parts = {n: b.load_component(spec.components[n].type, spec.components[n].config,
-                                 str(store.component_path(model_dir, spec, n))) for n in ("text_proj", "decoder")}
+                                 str(store.component_path(model_dir, spec, n)), dtype)
+             for n in ("text_proj", "decoder")}
     return b, b.bundle(parts), spec
 
 

@@ -84,11 +84,6 @@ class Backend(ABC):
 
         return add_lora(module, rank, alpha, targets)
 
-    def hold_in(self, module, names, dtype: str) -> None:
-        """Keep the weights `names` of `module` in `dtype` from now on (a LoRA run's frozen base in bfloat16:
-        they are never updated, so a float32 copy of them would only be memory)."""
-        raise NotImplementedError
-
     @abstractmethod
     def build(self, component_type: str, config: Any):
         """A module with random initial weights, on this backend's device and dtype."""
@@ -103,8 +98,20 @@ class Backend(ABC):
         """{canonical name: shape in canonical (PyTorch) layout}, computed without allocating the weights."""
 
     @abstractmethod
-    def load_weights(self, module, tensors: dict[str, np.ndarray]) -> None:
-        """Copy canonical-layout weights into `module` strictly (missing, extra, misshaped all raise)."""
+    def load_weights(self, module, tensors: dict[str, np.ndarray], partial: bool = False) -> None:
+        """Copy canonical-layout weights into `module` strictly (missing, extra, misshaped all raise); `partial`:
+        only these, the others left as they are (a name the module lacks still raises, see `check_names`)."""
+
+    def check_names(self, module, tensors) -> None:
+        """A partial load's names must all be the module's, each with the module's number of elements (the
+        layouts of a backend may differ from the canonical one, the sizes do not)."""
+        have = self.weights(module)
+        for name, value in tensors.items():
+            if name not in have:
+                raise Dalle2Error(f"no weight {name!r} in this module")
+            if int(np.prod(have[name].shape)) != np.asarray(value).size:
+                raise Dalle2Error(f"weight {name!r} is {tuple(np.shape(value))}, the module's holds "
+                                  f"{tuple(have[name].shape)}")
 
     @abstractmethod
     def load_file(self, module, path: str, dtype: str | None = None) -> None:

@@ -181,8 +181,6 @@ def train(stage: str, data, out, model=None, config: str | None = None, settings
     frozen = FROZEN[stage] + tuple(settings.freeze)
     if settings.lora_rank is not None:  # the adapters train, every other weight stays
         frozen = _add_lora(b, bundle, stage, settings)
-        if settings.dtype == "bfloat16":  # mixed precision: the frozen base needs no float32 master copy
-            b.hold_in(bundle, frozen, "bfloat16")
     gradient_checkpointing(bundle, settings.gradient_checkpointing)
     step_fn = b.train_step(bundle, LOSSES[stage], settings.optimizer, frozen, dtype=settings.dtype)
 
@@ -195,8 +193,7 @@ def train(stage: str, data, out, model=None, config: str | None = None, settings
     lines = []
     if resume:
         saved = ckpt_io.load(run)
-        b.load_weights(bundle, {**b.state_dict(bundle), **saved.weights} if settings.lora_rank is not None
-                       else saved.weights)
+        b.load_weights(bundle, saved.weights, partial=settings.lora_rank is not None)  # LoRA: the adapters
         step_fn.load_state(saved.optimizer)
         ema = EMA(b.from_numpy(bundle, saved.ema))
         rng, start = ckpt_io.rng_from_state(saved.rng), saved.step
@@ -267,7 +264,8 @@ def train(stage: str, data, out, model=None, config: str | None = None, settings
 
 def _add_lora(b, bundle, stage: str, settings: TrainSettings) -> tuple[str, ...]:
     """LoRA factors on the bundle's matching Linears, A drawn in NumPy (PEFT's kaiming-uniform bound 1/sqrt(in),
-    from the run's seed), B zero; returns every other weight's name: what the step keeps as it is."""
+    from the run's seed) and loaded alone (a bfloat16 base stays as it was read), B zero; returns every other
+    weight's name: what the step keeps as it is."""
     targets = settings.lora_targets or DEFAULT_TARGETS
     paths = b.add_lora(bundle, settings.lora_rank, settings.lora_alpha or settings.lora_rank, targets)
     if not paths and settings.lora_targets is None:
@@ -276,13 +274,14 @@ def _add_lora(b, bundle, stage: str, settings: TrainSettings) -> tuple[str, ...]
     if not paths:
         raise Dalle2Error(f"--lora-targets {targets!r} matches no Linear of the {stage}'s components; paths read "
                           "like decoder.mid_block.attentions.0.to_q")
-    state, rng = b.state_dict(bundle), np.random.default_rng([settings.seed, 1])
-    for path in paths:
-        a = state[f"{path}.lora_A.weight"]
-        state[f"{path}.lora_A.weight"] = rng.uniform(-1, 1, a.shape).astype(np.float32) / np.sqrt(a.shape[1])
-        state[f"{path}.lora_B.weight"] = np.zeros_like(state[f"{path}.lora_B.weight"])
-    b.load_weights(bundle, state)
-    return tuple(k for k in state if ".lora_" not in k)
+    weights, rng = b.weights(bundle), np.random.default_rng([settings.seed, 1])
+    factors = {}
+    for path in paths:  # B is zero already (modules/lora.py)
+        rank, width = weights[f"{path}.lora_A.weight"].shape
+        draw = rng.uniform(-1, 1, (rank, width)).astype(np.float32) / np.sqrt(width)
+        factors[f"{path}.lora_A.weight"] = draw.astype(np.float32)
+    b.load_weights(bundle, factors, partial=True)
+    return tuple(k for k in weights if ".lora_" not in k)
 
 
 def _write_adapter(run: Path, weights: dict, settings: TrainSettings) -> Path:

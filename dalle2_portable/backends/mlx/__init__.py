@@ -41,7 +41,7 @@ OPENBLAS_LOADED = _preload_openblas()
 import mlx.core as mx  # noqa: E402  (after the BLAS preload, on purpose)
 import mlx.nn as nn  # noqa: E402
 import numpy as np  # noqa: E402
-from mlx.utils import tree_flatten, tree_unflatten  # noqa: E402
+from mlx.utils import tree_flatten  # noqa: E402
 
 from ...errors import Dalle2Error  # noqa: E402
 from .. import Backend  # noqa: E402
@@ -103,15 +103,18 @@ class MLXBackend(Backend):
             out[name] = (shape[0], shape[3], shape[1], shape[2]) if name in convs and len(shape) == 4 else shape
         return out
 
-    def _load(self, module, weights: list[tuple[str, mx.array]], dtype=None) -> None:
+    def _load(self, module, weights: list[tuple[str, mx.array]], dtype=None, strict=True) -> None:
         convs, kind = _conv_weights(module), _DTYPES[dtype] if dtype else self.mx_dtype
         weights = [(k, _to_mlx_layout(k, v, convs).astype(kind)) for k, v in weights]
-        module.load_weights(weights, strict=True)  # strict: missing, extra and misshaped all raise
+        module.load_weights(weights, strict=strict)  # strict: missing, extra and misshaped all raise
         with mx.stream(self.stream):
             mx.eval(module.parameters())
 
-    def load_weights(self, module, tensors):
-        self._load(module, [(k, mx.array(np.require(v, requirements="C"))) for k, v in tensors.items()])
+    def load_weights(self, module, tensors, partial=False):
+        if partial:
+            self.check_names(module, tensors)
+        self._load(module, [(k, mx.array(np.require(v, requirements="C"))) for k, v in tensors.items()],
+                   strict=not partial)
 
     def load_file(self, module, path, dtype=None):
         self._load(module, list(mx.load(str(path)).items()), dtype)
@@ -121,11 +124,6 @@ class MLXBackend(Backend):
         module.eval()
         self.load_file(module, path, dtype)
         return module
-
-    def hold_in(self, module, names, dtype):
-        names, kind = set(names), _DTYPES[dtype]
-        module.update(tree_unflatten([(k, v.astype(kind)) for k, v in tree_flatten(module.parameters())
-                                      if k in names]))
 
     def state_dict(self, module):
         return self.to_numpy(module, self.weights(module))

@@ -46,19 +46,15 @@ class TorchBackend(Backend):
         with torch.device(self.device):
             return super().add_lora(module, rank, alpha, targets)
 
-    def hold_in(self, module, names, dtype):
-        names = set(names)
-        for name, p in module.named_parameters():
-            if name in names:
-                p.data = p.data.to(_DTYPES[dtype])
-
     def parameter_shapes(self, component_type, config):
         with torch.device("meta"):  # shapes without allocating a byte
             module = self.new(component_type, config)
         return {k: tuple(v.shape) for k, v in module.state_dict().items()}
 
-    def load_weights(self, module, tensors):
-        module.load_state_dict(self.from_numpy(module, tensors), strict=True)
+    def load_weights(self, module, tensors, partial=False):
+        if partial:
+            self.check_names(module, tensors)
+        module.load_state_dict(self.from_numpy(module, tensors), strict=not partial)
 
     def load_file(self, module, path, dtype=None):
         # Each tensor is read once, cast, and assigned in place of the random init (no second copy).
