@@ -8,7 +8,8 @@ convolution's kernel with `down` (r, in, kh, kw) and `up` (out, r, 1, 1)). In me
 Dialects read (`read_adapter`):
     diffusers  pytorch_lora_weights.safetensors: "unet.<path>.lora_A.weight" / ".lora_B.weight" (a pipeline's
                save_lora_weights; the prefix names the component, PREFIXES), or the same keys without the
-               prefix (a model's save_lora_adapter); r / lora_alpha / rank_pattern / alpha_pattern from the
+               prefix (a model's save_lora_adapter: the component holding the path, the decoder when the
+               upsamplers hold it too, as diffusers' `unet` is the decoder); r / lora_alpha / rank_pattern / alpha_pattern from the
                "lora_adapter_metadata" JSON in the safetensors metadata (keys "unet.r" or "r"), as diffusers
                writes it; older "<path>.lora.down.weight" / ".lora.up.weight" keys too
     PEFT       adapter_model.safetensors + adapter_config.json: "base_model.model.<path>.lora_A.weight"
@@ -59,6 +60,7 @@ class LoRALayer:
 class Adapter:
     layers: dict[tuple[str, str], LoRALayer] = field(default_factory=dict)
     source: str = "adapter"
+    dropout: float = 0.0  # the LoRA dropout it was trained with (PEFT's lora_dropout: a record; merging ignores it)
 
     def components(self) -> list[str]:
         return sorted({c for c, _ in self.layers})
@@ -133,6 +135,8 @@ def read_adapter(path, module_paths: dict[str, set[str]]) -> Adapter:
                                                         parts["up"].astype(np.float32), alpha)
     if not adapter.layers:
         raise Dalle2Error(f"{str(path)!r} holds no LoRA weights")
+    adapter.dropout = max((float(v) for k, v in (config or {}).items()
+                           if k.rpartition(".")[2] == "lora_dropout" and isinstance(v, (int, float))), default=0.0)
     return adapter
 
 
@@ -165,6 +169,11 @@ def _parse_key(key: str, module_paths: dict[str, set[str]], where: str) -> tuple
     owners = [c for c, paths in module_paths.items() if stem in paths]  # no prefix: the component holding it
     if len(owners) == 1:
         return owners[0], stem, part
+    if "decoder" in owners:  # a UNet's own file (save_lora_adapter) is diffusers' `unet`: the decoder
+        return "decoder", stem, part
+    if owners:
+        raise Dalle2Error(f"{where}: key {key!r} names a module of {' and '.join(sorted(owners))}; prefix the "
+                          f"file's keys with the one it adapts ('{sorted(owners)[0]}.{stem}...')")
     return _no_module(key, None, where)
 
 
@@ -199,7 +208,7 @@ def write_adapter(path, adapter: Adapter, dialect: str = "diffusers", overwrite:
         r = max(set(ranks), key=ranks.count)
         alphas = [layer.alpha for _, layer in layers]
         alpha = max(set(alphas), key=alphas.count)
-        packed = {"r": r, "lora_alpha": alpha, "lora_dropout": 0.0, "bias": "none", "use_dora": False,
+        packed = {"r": r, "lora_alpha": alpha, "lora_dropout": adapter.dropout, "bias": "none", "use_dora": False,
                   "use_rslora": False, "init_lora_weights": True,
                   "target_modules": sorted(m for m, _ in layers),  # PEFT matches a full path exactly
                   "rank_pattern": {f"^{m}$": lay.rank for m, lay in layers if lay.rank != r},

@@ -23,6 +23,7 @@ from dalle2_portable import store
 from dalle2_portable.errors import Dalle2Error
 from dalle2_portable.images import read_png_metadata
 from dalle2_portable.lora import Adapter, LoRALayer, parse_spec, read_adapter, write_adapter
+from dalle2_portable.modules.lora import LoRADropout
 from dalle2_portable.modules.unet import decoder_attention_mask
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_k_proj", "add_v_proj"]
@@ -49,11 +50,11 @@ def _ours(pipe) -> np.ndarray:
     return pipe.backend.run(pipe.components["decoder"], x, t, context, time, decoder_attention_mask(mask))[0]
 
 
-def _adapted_unet(models, alpha=8, rank_pattern=None):
+def _adapted_unet(models, alpha=8, rank_pattern=None, targets=TARGETS):
     """diffusers' decoder with a PEFT adapter whose B is not zero (init_lora_weights=False), seeded."""
     torch.manual_seed(0)
     unet = UNet2DConditionModel.from_pretrained(models["karlo_src"] / "decoder").eval()
-    unet.add_adapter(LoraConfig(r=4, lora_alpha=alpha, target_modules=TARGETS, init_lora_weights=False,
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=alpha, target_modules=targets, init_lora_weights=False,
                                 rank_pattern=rank_pattern or {}))
     return unet
 
@@ -97,6 +98,18 @@ def test_a_diffusers_adapter_merged_into_ours_is_diffusers_output(models, diffus
     assert_close_to_scale(_ours(pipe), expected, 1e-5, f"{backend} {dialect}")
 
 
+@pytest.mark.parametrize("backend", backend_params())
+def test_an_adapter_on_convolutions_merges_as_diffusers_applies_it(models, tmp_path, backend):
+    """PEFT's conv LoRA (lora_A a kh x kw conv, lora_B 1 x 1) on the resnets' and the UNet's own convolutions,
+    saved by diffusers: merged here, the decoder gives diffusers' adapted output."""
+    unet = _adapted_unet(models, targets=["conv1", "conv2", "conv_in", "conv_out"])
+    unet.save_lora_adapter(tmp_path)
+    file = tmp_path / "pytorch_lora_weights.safetensors"
+    assert load_file(file)["conv_in.lora_A.weight"].ndim == 4
+    pipe = d2.load_pipeline(models["karlo"], backend=backend, lora=[file])
+    assert_close_to_scale(_ours(pipe), _theirs(unet), 1e-5, f"{backend}: conv adapter")
+
+
 def test_a_peft_adapter_folder_loads(models, tmp_path):
     torch.manual_seed(0)
     unet = UNet2DConditionModel.from_pretrained(models["karlo_src"] / "decoder").eval()
@@ -107,6 +120,41 @@ def test_a_peft_adapter_folder_loads(models, tmp_path):
     expected = _theirs(peft_model.base_model.model)
     pipe = d2.load_pipeline(models["karlo"], backend=BACKENDS[0], lora=[tmp_path / "peft"])
     assert_close_to_scale(_ours(pipe), expected, 1e-5, "PEFT folder")
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_lora_dropout_drops_what_peft_drops_given_the_same_masks(models, backend):
+    """PEFT's LoRA layer in training mode (`lora_B(lora_A(lora_dropout(x))) * scaling`), its dropout module
+    replaced by one applying our NumPy masks, against our layers unmerged with LoRADropout(0.5): the same
+    decoder output. Outside a step, ours drops nothing."""
+    dropout = LoRADropout(0.5)
+
+    class Masks(torch.nn.Module):  # PEFT's lora_dropout["default"], its mask ours
+        def __init__(self, path):
+            super().__init__()
+            self.path = path
+
+        def forward(self, x):
+            return x * torch.from_numpy(dropout.mask(self.path, tuple(x.shape)))
+
+    unet = _adapted_unet(models)
+    state = get_peft_model_state_dict(unet)
+    for path, module in unet.named_modules():
+        if hasattr(module, "lora_dropout") and "default" in module.lora_dropout:
+            module.lora_dropout["default"] = Masks(path)
+    unet.train()
+    pipe = d2.load_pipeline(models["karlo"], backend=backend)
+    decoder = pipe.components["decoder"]
+    paths = pipe.backend.add_lora(decoder, 4, 8.0, r".*\.(" + "|".join(TARGETS).replace(".", r"\.") + ")",
+                                  dropout)
+    assert len(paths) == len(state) // 2
+    pipe.backend.load_weights(decoder, state, partial=True)
+    exact = _ours(pipe)
+    with dropout.step(0, 2, 7):
+        ours, theirs = _ours(pipe), _theirs(unet)
+    assert np.abs(ours - exact).max() > 0.1 * np.abs(exact).max()  # the masks change the output
+    assert_close_to_scale(ours, theirs, 1e-5, f"{backend}: LoRA dropout")
+    assert np.array_equal(_ours(pipe), exact)  # outside a step: no dropout
 
 
 def _our_adapter(models, rank=3, alpha=6.0) -> Adapter:
@@ -162,6 +210,9 @@ def test_foreign_keys_and_files_are_one_line(models, tmp_path):
     with pytest.raises(Dalle2Error, match=r"key 'unet\..*xx?\.lora_[AB]\.weight' matches no module of the model's "
                                           "decoder"):
         d2.load_pipeline(models["karlo"], backend=BACKENDS[0], lora=[path])
+    save_file({"conv_in.lora_A.weight": layer.down, "conv_in.lora_B.weight": layer.up}, tmp_path / "u.safetensors")
+    with pytest.raises(Dalle2Error, match="names a module of super_res_first and super_res_last; prefix"):
+        read_adapter(tmp_path / "u.safetensors", {"super_res_first": {"conv_in"}, "super_res_last": {"conv_in"}})
     wrong = {("decoder", module): LoRALayer(layer.down[:, :-1], layer.up, layer.alpha)}
     with pytest.raises(Dalle2Error, match="made for another model size"):
         d2.load_pipeline(models["karlo"], backend=BACKENDS[0], lora=[write_adapter(tmp_path / "w.safetensors",

@@ -78,11 +78,11 @@ class Backend(ABC):
         with building(self.facade):
             return self.module_class(component_type)(config)
 
-    def add_lora(self, module, rank: int, alpha: float, targets: str) -> list[str]:
+    def add_lora(self, module, rank: int, alpha: float, targets: str, dropout=None) -> list[str]:
         """modules.lora.add_lora, its new factors made where this backend keeps weights."""
         from ..modules.lora import add_lora
 
-        return add_lora(module, rank, alpha, targets)
+        return add_lora(module, rank, alpha, targets, dropout)
 
     @abstractmethod
     def build(self, component_type: str, config: Any):

@@ -55,6 +55,8 @@ def _setting(name: str, *decls, **kw):
           help="The adapters' alpha (scale alpha / rank). [default: the rank]")
 @_setting("lora_targets", "--lora-targets", help="Regex on module paths (decoder.mid_block.attentions.0.to_q) of "
           "the Linears to adapt. [default: every attention projection]")
+@_setting("lora_dropout", "--lora-dropout", type=click.FloatRange(0, 1, max_open=True),
+          help="Dropout on the adapters' input while training (PEFT's lora_dropout).")
 @_setting("min_snr_gamma", "--min-snr-gamma", type=click.FloatRange(min=0, min_open=True),
           help="Weight the loss by min-SNR-gamma (5 is usual). [default: off]")
 @_setting("dtype", "--dtype", type=click.Choice(["float32", "bfloat16"]),

@@ -14,13 +14,16 @@ A run directory holds everything the run needs to continue, on either backend:
 
 Every random number a step uses (which items, timesteps, noise, which captions are dropped for
 classifier-free guidance) comes from one NumPy Generator whose state the checkpoint keeps, so a resumed run
-draws what the uninterrupted run would have drawn, and both backends see the same draws.
+draws what the uninterrupted run would have drawn, and both backends see the same draws. LoRA dropout's masks
+are NumPy draws too, keyed by the seed, the step and the layer (modules/lora.py), so a resumed run drops the
+same elements.
 
 The stages (what each trains, its batch and its loss) are in stages.py.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -40,7 +43,7 @@ from ..errors import Dalle2Error
 from ..images import write_atomic
 from ..lora import Adapter, LoRALayer, write_adapter
 from ..modules import gradient_checkpointing
-from ..modules.lora import DEFAULT_TARGETS
+from ..modules.lora import DEFAULT_TARGETS, LoRADropout
 from ..modules.init import initial_weights
 from ..pipeline import tqdm_progress
 from ..schedule import UnCLIPSchedule
@@ -179,10 +182,12 @@ def train(stage: str, data, out, model=None, config: str | None = None, settings
         b.load_weights(parts["logit_scale"], {"logit_scale": np.array(start_scale or CLIP_INITIAL_SCALE, np.float32)})
     bundle = b.bundle(parts)
     frozen = FROZEN[stage] + tuple(settings.freeze)
+    dropout = LoRADropout(settings.lora_dropout) if settings.lora_dropout else None
     if settings.lora_rank is not None:  # the adapters train, every other weight stays
-        frozen = _add_lora(b, bundle, stage, settings)
+        frozen = _add_lora(b, bundle, stage, settings, dropout)
     gradient_checkpointing(bundle, settings.gradient_checkpointing)
-    step_fn = b.train_step(bundle, LOSSES[stage], settings.optimizer, frozen, dtype=settings.dtype)
+    loss_fn = LOSSES[stage] if dropout is None else dropout.loss(LOSSES[stage])
+    step_fn = b.train_step(bundle, loss_fn, settings.optimizer, frozen, dtype=settings.dtype)
 
     def trained(weights: dict) -> dict:  # what the EMA and the checkpoints hold: a LoRA run's adapters alone
         return {k: v for k, v in weights.items() if ".lora_" in k} if settings.lora_rank is not None else weights
@@ -239,7 +244,8 @@ def train(stage: str, data, out, model=None, config: str | None = None, settings
             batches = [BATCHES[stage](ctx, rng, rng.choice(n, bs, replace=n < bs))
                        for _ in range(settings.accumulate)]
             lr = learning_rate(i, settings.lr, settings.warmup, settings.steps)
-            loss = step_fn.accumulate(batches, lr=lr)
+            with contextlib.nullcontext() if dropout is None else dropout.step(settings.seed, 2, i):
+                loss = step_fn.accumulate(batches, lr=lr)  # LoRA dropout's masks keyed by the seed and the step
             ema.update(trained(b.weights(bundle)), ema_decay(i + 1, max_decay=settings.ema_max_decay))
             b.sync(ema.shadow)
             speed = bs * settings.accumulate / (time.perf_counter() - t0)
@@ -262,12 +268,12 @@ def train(stage: str, data, out, model=None, config: str | None = None, settings
     return result(end)
 
 
-def _add_lora(b, bundle, stage: str, settings: TrainSettings) -> tuple[str, ...]:
+def _add_lora(b, bundle, stage: str, settings: TrainSettings, dropout) -> tuple[str, ...]:
     """LoRA factors on the bundle's matching Linears, A drawn in NumPy (PEFT's kaiming-uniform bound 1/sqrt(in),
-    from the run's seed) and loaded alone (a bfloat16 base stays as it was read), B zero; returns every other
-    weight's name: what the step keeps as it is."""
+    from the run's seed) and loaded alone (a bfloat16 base stays as it was read), B zero, their input dropped
+    by `dropout` (a LoRADropout or None); returns every other weight's name: what the step keeps as it is."""
     targets = settings.lora_targets or DEFAULT_TARGETS
-    paths = b.add_lora(bundle, settings.lora_rank, settings.lora_alpha or settings.lora_rank, targets)
+    paths = b.add_lora(bundle, settings.lora_rank, settings.lora_alpha or settings.lora_rank, targets, dropout)
     if not paths and settings.lora_targets is None:
         raise Dalle2Error(f"the {stage} has no attention projection to adapt; name its Linears with "
                           "--lora-targets REGEX (e.g. '.*time_emb_proj')")
@@ -293,7 +299,8 @@ def _write_adapter(run: Path, weights: dict, settings: TrainSettings) -> Path:
             up = weights[key.replace(".lora_A.", ".lora_B.")]
             layers[(component, module)] = LoRALayer(down, up, float(settings.lora_alpha or settings.lora_rank))
     (run / "lora").mkdir(exist_ok=True)
-    return write_adapter(run / "lora" / "pytorch_lora_weights.safetensors", Adapter(layers))
+    return write_adapter(run / "lora" / "pytorch_lora_weights.safetensors",
+                         Adapter(layers, dropout=settings.lora_dropout))
 
 
 def _low_size(spec: ModelSpec, settings: TrainSettings) -> int:

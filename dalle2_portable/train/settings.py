@@ -53,6 +53,7 @@ class TrainSettings:
     lora_alpha: float | None = None  # their alpha (scale alpha / rank; None: the rank, scale 1)
     lora_targets: str | None = None  # regex on module paths ("decoder.mid_block.attentions.0.to_q"); None:
     #                                  modules.lora.DEFAULT_TARGETS, the attention projections
+    lora_dropout: float = 0.0  # dropout on the adapters' input (PEFT's lora_dropout; masks drawn in NumPy)
     min_snr_gamma: float | None = None  # min-SNR-gamma loss weighting (Hang et al. 2023; 5 is the paper's)
     accumulate: int = 1  # micro-batches of batch_size per optimiser step (their gradients averaged)
     dtype: str = "float32"  # "bfloat16": mixed precision (float32 master weights, moments and update)
@@ -73,7 +74,7 @@ class TrainSettings:
         for name in ("steps", "batch_size", "checkpoint_every", "data_size", "image_size", "accumulate"):
             if getattr(self, name) < 1:  # an int: checked above
                 raise Dalle2Error(f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        for name in ("cond_drop", "caption_drop"):
+        for name in ("cond_drop", "caption_drop", "lora_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise Dalle2Error(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if self.low_size is not None and self.low_size < 8:
@@ -88,6 +89,8 @@ class TrainSettings:
             raise Dalle2Error(f"unknown prediction {self.prediction!r}; choose one of {', '.join(PREDICTION_TYPES)}")
         if self.lora_rank is not None and self.lora_rank < 1:
             raise Dalle2Error(f"lora_rank must be a positive integer, got {self.lora_rank}")
+        if self.lora_dropout and self.lora_rank is None:
+            raise Dalle2Error("lora_dropout drops the adapters' input; give lora_rank too (--lora R)")
         if self.lora_targets is not None:
             try:
                 re.compile(self.lora_targets)

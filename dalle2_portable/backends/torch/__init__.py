@@ -42,9 +42,9 @@ class TorchBackend(Backend):
             module = self.new(component_type, config)
         return module.to(self.torch_dtype).eval()
 
-    def add_lora(self, module, rank, alpha, targets):
+    def add_lora(self, module, rank, alpha, targets, dropout=None):
         with torch.device(self.device):
-            return super().add_lora(module, rank, alpha, targets)
+            return super().add_lora(module, rank, alpha, targets, dropout)
 
     def parameter_shapes(self, component_type, config):
         with torch.device("meta"):  # shapes without allocating a byte
