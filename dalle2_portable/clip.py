@@ -11,6 +11,7 @@ import copy
 import os
 import warnings
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ from .backends import Backend, get_backend
 from .errors import Dalle2Error, Dalle2Warning
 from .images import clip_preprocess, load_image
 from .paths import inside
+from .residency import Components, load_module
 from .spec import ImageProcessorConfig, ModelSpec
 from .tokenizers import load_tokenizer
 
@@ -67,7 +69,10 @@ class CLIP:
     """The CLIP towers of one model directory on one backend. Either tower may be absent (Karlo has no vision
     tower, Karlo-variations no prior); calling a missing one is a one-line error."""
 
-    def __init__(self, model_dir: str | os.PathLike, backend: Backend, spec: ModelSpec | None = None):
+    def __init__(self, model_dir: str | os.PathLike, backend: Backend, spec: ModelSpec | None = None,
+                 low_memory: bool = False, prepare=None):
+        """low_memory: each tower loaded at its first use and dropped by `modules.release()` (residency.py);
+        prepare(name, module): run on each tower once loaded (a pipeline's LoRA merge)."""
         self.model_dir = Path(model_dir)
         self.spec = spec or store.read_spec(self.model_dir)
         self.backend = backend
@@ -76,11 +81,8 @@ class CLIP:
             raise Dalle2Error(f"model {str(self.model_dir)!r} has no CLIP tower (text_encoder or image_encoder); "
                               "use a CLIP or unCLIP model")
         store.validate(self.model_dir, self.spec, backend.parameter_shapes, towers)  # before any allocation
-        self.modules = {}
-        for name in towers:
-            comp = self.spec.components[name]
-            path = store.component_path(self.model_dir, self.spec, name)
-            self.modules[name] = backend.load_component(comp.type, comp.config, str(path))
+        self.modules = Components(towers, partial(load_module, backend, self.model_dir, self.spec, prepare=prepare),
+                                  low_memory, backend.free_memory)
         self.tokenizer = None
         if "text_encoder" in towers:
             if self.spec.tokenizer is None:
@@ -105,7 +107,7 @@ class CLIP:
                 raise Dalle2Error(f"the image tower of {str(other.model_dir)!r} projects to {width}, this model's "
                                   f"text tower to {text}; use the CLIP this model was trained with")
         joined = copy.copy(self)
-        joined.modules = {**self.modules, "image_encoder": vision}
+        joined.modules = self.modules.joined("image_encoder", vision)
         joined.origins = {**self.origins, "image_encoder": other.origins["image_encoder"]}
         joined.image_processor = other.image_processor
         return joined

@@ -273,17 +273,20 @@ def _touched(adapters: list[tuple[Adapter, float]]) -> list[str]:
     return sorted({c for adapter, _ in adapters for c in adapter.components()})
 
 
-def merge_into(backend, model_dir, modules: dict, loras) -> list[Adapter]:
-    """Merge each (file, scale) of `loras` into the loaded `modules` ({component: module}) of the model in
-    `model_dir`, in place; the adapters read. Only the adapted weights are read back and loaded again."""
-    paths = {k: v for k, v in file_module_paths(model_dir).items() if k in modules}
-    adapters = _read_all(loras, paths)
-    for component in _touched(adapters):
-        names = {f"{m}.weight" for adapter, _ in adapters for c, m in adapter.layers if c == component}
-        module = modules[component]
+def read_adapters(model_dir, components, loras) -> list[tuple[Adapter, float]]:
+    """(adapter, scale) for each (file, scale) of `loras`, resolved against the named `components` of the
+    model in `model_dir` (their module paths read from the weight files; nothing loaded)."""
+    paths = {k: v for k, v in file_module_paths(model_dir).items() if k in components}
+    return _read_all(loras, paths)
+
+
+def merge_component(backend, module, component: str, adapters) -> None:
+    """Merge the `adapters` ((adapter, scale) pairs) into the loaded `module` of `component`, in place: only
+    the weights they adapt are read back and loaded again; a component they leave alone is not touched."""
+    names = {f"{m}.weight" for adapter, _ in adapters for c, m in adapter.layers if c == component}
+    if names:
         state = backend.to_numpy(module, {k: v for k, v in backend.weights(module).items() if k in names})
         backend.load_weights(module, _merged(state, adapters, component), partial=True)
-    return [adapter for adapter, _ in adapters]
 
 
 def file_module_paths(model_dir) -> dict[str, set[str]]:

@@ -16,7 +16,10 @@ from __future__ import annotations
 import functools
 import json
 import os
+from collections import ChainMap
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +31,7 @@ from .clip import CLIP, TextCondition, load_clip
 from . import __version__
 from .errors import Dalle2Error
 from .images import to_pil
+from .residency import Components, Deferred, load_module
 from .sampling import NoiseStream, Progress, Stage, no_progress, sample_decoder, sample_prior, sample_super_res
 from .schedule import UnCLIPSchedule
 from .spec import STAGES, ModelSpec, PipelineDefaults
@@ -110,35 +114,46 @@ class Pipeline:
     """The components of an unCLIP model directory on one backend, validated before anything is allocated."""
 
     def __init__(self, model_dir: str | os.PathLike, backend: Backend, spec: ModelSpec | None = None,
-                 progress: Progress = no_progress, lora=()):
+                 progress: Progress = no_progress, lora=(), low_memory: bool = False):
         self.model_dir = Path(model_dir)
         self.progress = progress
         self.spec = spec or store.read_spec(self.model_dir)
         self.backend = backend
+        self.low_memory = bool(low_memory)
         _require_unclip(self.model_dir, self.spec)
         parts = [n for n in UNCLIP_COMPONENTS if n in self.spec.components]
         store.validate(self.model_dir, self.spec, backend.parameter_shapes, parts)  # CLIP validates its towers
-        self.clip = CLIP(self.model_dir, backend, self.spec)
-        self.modules = {}
-        for name in parts:
-            comp = self.spec.components[name]
-            path = store.component_path(self.model_dir, self.spec, name)
-            self.modules[name] = backend.load_component(comp.type, comp.config, str(path))
-        self._schedules = {k: UnCLIPSchedule(c) for k, c in self.spec.schedulers.items()}
-        self._empty = None
         self.lora: tuple[tuple[str, float], ...] = ()  # (file, scale) of each adapter merged, for the metadata
-        self.adapters = []
+        self._merged = []  # (adapter, scale) pairs, merged into each component as it is loaded
         if lora:  # LoRA adapters, merged into the weights (lora.py): (file, scale) pairs or "FILE[:SCALE]"
-            from .lora import merge_into, parse_spec
+            from .lora import parse_spec, read_adapters
 
             pairs = [parse_spec(x) if isinstance(x, (str, os.PathLike)) else x for x in lora]
-            self.adapters = merge_into(backend, self.model_dir, self.components, pairs)
-            self.lora = tuple((a.source, float(scale)) for a, (_, scale) in zip(self.adapters, pairs))
+            self._merged = read_adapters(self.model_dir, self.spec.components, pairs)  # before any loading
+            self.lora = tuple((a.source, float(scale)) for a, scale in self._merged)
+        self.adapters = [adapter for adapter, _ in self._merged]
+        self.clip = CLIP(self.model_dir, backend, self.spec, self.low_memory, self._prepare)
+        load = partial(load_module, backend, self.model_dir, self.spec, prepare=self._prepare)
+        self.modules = Components(parts, load, self.low_memory, backend.free_memory)
+        self._schedules = {k: UnCLIPSchedule(c) for k, c in self.spec.schedulers.items()}
+        self._empty = None
+
+    def _prepare(self, name: str, module) -> None:
+        """What a component goes through once loaded: the LoRA adapters merged into it."""
+        if self._merged:
+            from .lora import merge_component
+
+            merge_component(self.backend, module, name, self._merged)
+
+    def _hold(self, *names: str) -> None:
+        """low_memory: drop every loaded component but `names` (the stage about to run loads them at first use)."""
+        self.clip.modules.release(keep=names)
+        self.modules.release(keep=names)
 
     @property
-    def components(self) -> dict:
-        """Every loaded module by component name, the CLIP towers included."""
-        return {**self.clip.modules, **self.modules}
+    def components(self) -> Mapping:
+        """Every module by component name, the CLIP towers included (low_memory: each loaded when looked up)."""
+        return ChainMap(self.modules, self.clip.modules)
 
     @property
     def schedulers(self):
@@ -176,7 +191,9 @@ class Pipeline:
             raise Dalle2Error(f"model {str(self.model_dir)!r} has no CLIP image encoder, so it cannot embed "
                               "images; use kakaobrain/karlo-v1-alpha-image-variations, or pass CLIP image "
                               "embeddings as a NumPy array")
-        return self.clip.encode_image(list(images) if isinstance(images, (list, tuple)) else [images])
+        embeddings = self.clip.encode_image(list(images) if isinstance(images, (list, tuple)) else [images])
+        self._hold("text_encoder")  # low_memory: the image tower's work is done
+        return embeddings
 
     def _decode(self, verb: str, embeddings: np.ndarray, text: TextCondition, captions: list[str],
                 stages: dict[str, Stage], noise: NoiseStream, shared: bool, seed) -> UnCLIPOutput:
@@ -184,16 +201,22 @@ class Pipeline:
         dec = stages["decoder"]
         decoder_cfg = self.spec.components["decoder"].config
         size = self.defaults.decoder_sample_size or decoder_cfg.sample_size
+        uncond = self._uncond(len(text)) if dec.guided else None  # the text encoder's last use
+        self._hold("text_proj", "decoder")
         small = sample_decoder(self.backend, self.modules["text_proj"], self.modules["decoder"], dec, embeddings,
-                               text, self._uncond(len(text)) if dec.guided else None, decoder_cfg.in_channels,
-                               size, noise, shared, self.progress)
+                               text, uncond, decoder_cfg.in_channels, size, noise, shared, self.progress)
         big = small
         if "super_res_first" in self.modules:
             sr_cfg = self.spec.components["super_res_first"].config
             big_size = self.defaults.super_res_sample_size or sr_cfg.sample_size
-            last = self.modules.get("super_res_last", self.modules["super_res_first"])
+            self._hold("super_res_first")
+            last = "super_res_last" if "super_res_last" in self.modules else "super_res_first"
+            # low_memory: the last step's upsampler is loaded after the first one is dropped
+            last = (Deferred(self.modules, last, ["super_res_first"]) if self.low_memory and last != "super_res_first"
+                    else self.modules[last])
             big = sample_super_res(self.backend, self.modules["super_res_first"], last, stages["super_res"],
                                    small, big_size, noise, shared, self.progress)
+        self._hold()
         settings = {"verb": verb, "seed": seed, "model": self.spec.source.repo or str(self.model_dir),
                     "revision": self.spec.source.revision, "model_dir": str(Path(self.model_dir).absolute()),
                     "version": __version__, "backend": self.backend.name, "device": self.backend.device,
@@ -209,9 +232,10 @@ class Pipeline:
 
     def _prior(self, text: TextCondition, stage: Stage, noise: NoiseStream, shared: bool = False) -> np.ndarray:
         self._require_prior()
-        prior = self.modules["prior"]
         dim = self.spec.components["prior"].config.clip_embed_dim
         uncond = self._uncond(len(text)) if stage.guided else None
+        self._hold("prior")
+        prior = self.modules["prior"]
         return sample_prior(self.backend, prior, stage, text, uncond, dim, noise, shared, self.progress)
 
     # -- the verbs -------------------------------------------------------------------------------------------
@@ -327,6 +351,7 @@ class Pipeline:
                                  for i, p in enumerate(prompts)])
         order = [i * candidates + j for i in range(len(prompts))
                  for j in np.argsort(-scores[i * candidates:(i + 1) * candidates], kind="stable")[:keep]]
+        self._hold()
         out.scores = scores.astype(np.float32)
         out = out.reorder(order)
         out.settings.update(verb="rerank", candidates=candidates, keep=keep,
@@ -455,13 +480,15 @@ def text_diff(image_embedding: np.ndarray, source: np.ndarray, target: np.ndarra
 
 def load_pipeline(model: str | os.PathLike = "default", backend: str | Backend = "auto", device: str | None = None,
                   dtype: str = "float32", revision: str | None = None, variant: str | None = None,
-                  progress: bool = False, lora=()) -> Pipeline:
+                  progress: bool = False, lora=(), low_memory: bool = False) -> Pipeline:
     """An unCLIP pipeline from "default" (the packaged model), a model directory, a Hub repo id or a local
     diffusers folder (both converted once, then reused from the cache). `variant` reads variant weight files
     of the source (e.g. "fp16"); `progress` shows a progress bar per sampling stage; `lora`: LoRA files merged
-    into the weights, each "FILE[:SCALE]" or (file, scale) (diffusers, PEFT or kohya dialect; lora.py)."""
+    into the weights, each "FILE[:SCALE]" or (file, scale) (diffusers, PEFT or kohya dialect; lora.py);
+    `low_memory`: each stage's weights loaded when it runs and dropped after (residency.py), so the peak is the
+    largest stage's, not the whole cascade's; the same images."""
     from .convert import resolve_model
 
     model_dir = resolve_model(model, revision=revision, variant=variant)
     return Pipeline(model_dir, get_backend(backend, device=device, dtype=dtype),
-                    progress=tqdm_progress if progress else no_progress, lora=lora)
+                    progress=tqdm_progress if progress else no_progress, lora=lora, low_memory=low_memory)

@@ -12,6 +12,7 @@ Backends are imported lazily: `import dalle2_portable` works with only MLX or on
 
 from __future__ import annotations
 
+import gc
 import importlib
 import importlib.util
 import os
@@ -192,6 +193,10 @@ class Backend(ABC):
     @abstractmethod
     def sync(self, arrays) -> None:
         """Make sure arrays computed outside a step are computed (MLX is lazy; torch is not)."""
+
+    def free_memory(self) -> None:
+        """Return the memory of dropped modules to the system (low-memory pipelines call it between stages)."""
+        gc.collect()
 
     def load_component(self, component_type: str, config: Any, path: str, dtype: str | None = None):
         """Build a component and load its weights (the caller validated the file with `store.validate`), in

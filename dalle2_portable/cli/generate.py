@@ -29,20 +29,20 @@ from .options import (DTYPES, _from_metadata, _model_options, _options, _output_
 @_stage_options(STAGES)
 @_model_options
 def generate(prompt, from_png, prompt_option, output, num_images, rerank, clip_model, model, revision, backend,
-             device, dtype, seed, lora, threads, quiet, force, **stages):
+             device, dtype, seed, lora, threads, low_memory, quiet, force, **stages):
     """Generate images from PROMPT (prior -> decoder -> super-res). PNGs carry the prompt, seed, model,
     revision, backend, steps and guidance as text metadata."""
     if from_png is not None:
         ctx = click.get_current_context()
         given = [p.opts[0] for p in ctx.command.params if p.name not in ("from_png", "output", "force", "quiet",
-                                                                        "threads")
+                                                                        "threads", "low_memory")
                  and ctx.get_parameter_source(p.name) != click.core.ParameterSource.DEFAULT]
         if given:
             raise Dalle2Error(f"--config-from-metadata takes every setting from the PNG; leave out {given[0]}")
         call = _from_metadata(from_png)
         path = _outputs(output, 1, force)[0][0]
         pipe = _pipeline(call["model"], call["revision"], call["backend"], call["device"], call["dtype"], quiet,
-                         threads, lora=call["lora"])
+                         threads, lora=call["lora"], low_memory=low_memory)
         out = pipe.generate(call["prompt"], num_images=call["num_images"], seed=call["seed"], **call["options"])
         _save(out.reorder([call["index"]]), [path], force, quiet,
               {"index": str(call["index"]), "regenerated_from": str(from_png)})  # itself regenerable
@@ -56,7 +56,7 @@ def generate(prompt, from_png, prompt_option, output, num_images, rerank, clip_m
         raise Dalle2Error(f"--rerank ({rerank}) must be at least --num-images ({num_images})")
     paths = _outputs(output, num_images, force, seeds=seed)
     pipe = _pipeline(model, revision, backend, device, dtype, quiet, threads, (STAGES, _options(stages)),
-                     lora=lora)
+                     lora=lora, low_memory=low_memory)
     for s, ps in paths.items():
         if rerank is not None:
             out = pipe.rerank(prompt, candidates=rerank, keep=num_images, clip=clip_model, seed=s,
@@ -71,13 +71,13 @@ def generate(prompt, from_png, prompt_option, output, num_images, rerank, clip_m
 @_output_options("vary.png")
 @_stage_options(STAGES[1:])
 @_model_options
-def vary(image, output, num_images, model, revision, backend, device, dtype, seed, lora, threads, quiet, force,
-         **stages):
+def vary(image, output, num_images, model, revision, backend, device, dtype, seed, lora, threads, low_memory, quiet,
+         force, **stages):
     """Variations of IMAGE: its CLIP image embedding decoded again (needs a model with an image encoder, such as
     kakaobrain/karlo-v1-alpha-image-variations)."""
     paths = _outputs(output, num_images, force, seeds=seed)
     pipe = _pipeline(model, revision, backend, device, dtype, quiet, threads, (STAGES[1:], _options(stages)),
-                     lora=lora)
+                     lora=lora, low_memory=low_memory)
     for s, ps in paths.items():
         out = pipe.vary(image, num_images=num_images, seed=s, **_options(stages))
         _save(out, ps, force, quiet, {"source_image": str(image)})
@@ -96,7 +96,7 @@ def vary(image, output, num_images, model, revision, backend, device, dtype, see
 @_stage_options(STAGES)
 @_model_options
 def interpolate(start, end, frames, text, output, gif, fps, model, revision, backend, device, dtype, seed, lora,
-                threads, quiet, force, **stages):
+                threads, low_memory, quiet, force, **stages):
     """Frames along the slerp between two images' CLIP embeddings (or two captions' with --text), sharing one
     noise so they change smoothly."""
     from ..images import save_gif
@@ -109,7 +109,7 @@ def interpolate(start, end, frames, text, output, gif, fps, model, revision, bac
     paths = _outputs(output, frames, force, seeds=seed)
     gifs = _outputs(str(Path(output).with_suffix(".gif")), 1, force, ".gif", seed) if gif else {}
     pipe = _pipeline(model, revision, backend, device, dtype, quiet, threads,
-                     (STAGES if text else STAGES[1:], options), lora=lora)
+                     (STAGES if text else STAGES[1:], options), lora=lora, low_memory=low_memory)
     for s, ps in paths.items():
         out = pipe.interpolate(start, end, frames=frames, seed=s, kind="text" if text else "image", **options)
         _save(out, ps, force, quiet, {"start": start, "end": end})
@@ -129,11 +129,11 @@ def interpolate(start, end, frames, text, output, gif, fps, model, revision, bac
 @_stage_options(STAGES[1:])
 @_model_options
 def edit(image, source, target, amount, output, num_images, model, revision, backend, device, dtype, seed, lora,
-         threads, quiet, force, **stages):
+         threads, low_memory, quiet, force, **stages):
     """Edit IMAGE with a DALL-E 2 text diff: its CLIP embedding moved from --from toward --to by --amount."""
     paths = _outputs(output, num_images, force, seeds=seed)
     pipe = _pipeline(model, revision, backend, device, dtype, quiet, threads, (STAGES[1:], _options(stages)),
-                     lora=lora)
+                     lora=lora, low_memory=low_memory)
     for s, ps in paths.items():
         out = pipe.edit(image, source=source, target=target, amount=amount, num_images=num_images, seed=s,
                         **_options(stages))

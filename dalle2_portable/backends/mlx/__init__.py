@@ -175,5 +175,9 @@ class MLXBackend(Backend):
     def sync(self, arrays) -> None:
         mx.eval(arrays)  # MLX is lazy: evaluate, so that a graph does not grow over steps
 
+    def free_memory(self) -> None:
+        super().free_memory()
+        mx.clear_cache()  # MLX keeps freed buffers for reuse until told
+
 
 BACKEND = MLXBackend

@@ -123,5 +123,12 @@ class TorchBackend(Backend):
     def sync(self, arrays) -> None:
         pass  # torch runs eagerly
 
+    def free_memory(self) -> None:
+        super().free_memory()
+        if self.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+        elif self.device.startswith("mps"):
+            torch.mps.empty_cache()
+
 
 BACKEND = TorchBackend

@@ -1,0 +1,98 @@
+"""Which components are in memory: every one from the start (the default), or with `low_memory` each one only
+while a stage runs it.
+
+`Components` is the {name: module} mapping a Pipeline and its CLIP hold. Eager, it loads every component when
+it is made, as before. With low_memory=True it loads a component at its first use and drops it at `release`
+(the pipeline releases at each stage boundary: text encoder, prior, text_proj + decoder, each upsampler), so a
+cascade's peak is its largest stage, not the sum. Loading stays cheap: float32 safetensors are memory-mapped
+on torch (pages read as the first step touches them), and a float16 / bfloat16 model is read one tensor at a
+time; what a component costs to load again is measured in benchmarks/cascade.py.
+
+`Deferred` stands in for a module that a loop calls only at its last step (Karlo's super_res_last): called,
+it first releases the modules it replaces, then loads its own, so the two upsamplers are never held together.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
+
+from . import store
+
+
+class Components(Mapping):
+    """{component name: module}, each loaded by `load(name)`: all at once, or (low_memory) each at first use."""
+
+    def __init__(self, names: Iterable[str], load: Callable[[str], Any], low_memory: bool = False,
+                 free: Callable[[], None] = lambda: None):
+        self.names, self._load, self.low_memory, self._free = list(names), load, bool(low_memory), free
+        self._held: dict[str, Any] = {}
+        self._pinned: set[str] = set()  # put there from outside: never released
+        if not self.low_memory:
+            for name in self.names:
+                self._held[name] = load(name)
+
+    def __getitem__(self, name: str):
+        if name not in self._held:
+            if name not in self.names:
+                raise KeyError(name)
+            self._held[name] = self._load(name)
+        return self._held[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __contains__(self, name) -> bool:  # without loading it
+        return name in self.names
+
+    @property
+    def held(self) -> list[str]:
+        """The components in memory now."""
+        return [n for n in self.names if n in self._held]
+
+    def joined(self, name: str, module) -> Components:
+        """A copy that also holds the loaded `module` as `name` (another model's CLIP tower), never released
+        there; this mapping is left as it is."""
+        other = copy.copy(self)
+        other.names = self.names + [name] * (name not in self.names)
+        other._held, other._pinned = {**self._held, name: module}, self._pinned | {name}
+        return other
+
+    def release(self, keep: Iterable[str] = ()) -> None:
+        """low_memory: drop every held component but `keep` (and pinned ones), then let the backend return the
+        memory; eager: nothing."""
+        if not self.low_memory:
+            return
+        keep = set(keep) | self._pinned
+        dropped = [n for n in self._held if n not in keep]
+        for name in dropped:
+            del self._held[name]
+        if dropped:
+            self._free()
+
+
+def load_module(backend, model_dir, spec, name: str, prepare: Callable[[str, Any], None] | None = None):
+    """Component `name` of the model directory on `backend` (the caller validated its file), then
+    `prepare(name, module)` if given."""
+    comp = spec.components[name]
+    module = backend.load_component(comp.type, comp.config, str(store.component_path(model_dir, spec, name)))
+    if prepare is not None:
+        prepare(name, module)
+    return module
+
+
+class Deferred:
+    """A module stand-in for a loop's last step: called, it releases `replaces` from `components`, then calls
+    `components[name]` (loaded then). Backends call modules as `module(*arrays)`, so it passes as one."""
+
+    def __init__(self, components: Components, name: str, replaces: Iterable[str]):
+        self.components, self.name, self.replaces = components, name, set(replaces)
+
+    def __call__(self, *args, **kwargs):
+        held = set(self.components.held)
+        self.components.release(keep=held - self.replaces)
+        return self.components[self.name](*args, **kwargs)
