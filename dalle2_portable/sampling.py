@@ -70,7 +70,7 @@ class Stage:
 
     def __post_init__(self):
         check_sampler(self.sampler)  # before any work, not at the first step
-        self.schedule.timesteps(self.steps)  # the step count, likewise
+        self.schedule.timesteps(self.steps, self.sampler)  # the step count (the sampler's range), likewise
 
     @property
     def guided(self) -> bool:
@@ -86,13 +86,15 @@ def guide(uncond: np.ndarray, cond: np.ndarray, scale: float) -> np.ndarray:
 
 def _loop(stage: Stage, x: np.ndarray, predict, noise: NoiseStream, shared: bool, progress: Progress, name: str):
     """The denoising loop every stage shares: predict(i, t, x) -> model output; then the sampler's step with
-    this step's draw (taken only when the step adds noise, so the stream stays in the reference's order)."""
-    timesteps = stage.schedule.timesteps(stage.steps)
+    this step's draw (taken only when the step adds noise, so the stream stays in the reference's order). The
+    timesteps are the sampler's, and so is any state between steps (one run per call)."""
+    run = stage.schedule.start(stage.sampler, stage.steps)
+    timesteps = run.timesteps
     for i in progress(range(len(timesteps)), name, len(timesteps)):
         t = int(timesteps[i])
         out = predict(i, t, x)
         draw = noise.draw(x.shape, shared) if stage.schedule.adds_noise(stage.sampler, t) else None
-        x, _ = stage.schedule.sample_step(stage.sampler, out, t, x, stage.schedule.previous(timesteps, i), draw)
+        x, _ = run.step(i, out, x, draw)
     if not np.isfinite(x).all():  # before anything is decoded further or saved
         raise Dalle2Error(f"the {name} stage went non-finite (NaN or inf) at {stage.steps} steps, guidance "
                           f"{stage.guidance:g}; nothing was saved. Lower that stage's guidance, or compute in float32")

@@ -11,6 +11,7 @@ import math
 
 import numpy as np
 
+from .dpm_solver import NAME as DPM, DPMSolverMultistep, dpm_timesteps
 from .errors import Dalle2Error
 from .spec import SchedulerConfig
 
@@ -18,8 +19,9 @@ F32 = np.float32
 
 # The samplers a stage can use. "ancestral" is the reference: UnCLIPScheduler's DDPM step with its own variance,
 # one noise draw per step but the last. "ddim" is deterministic DDIM (eta = 0, diffusers' DDIMScheduler step):
-# no noise after the initial latents; the usual choice when running fewer steps.
-SAMPLERS = ("ancestral", "ddim")
+# no noise after the initial latents. "dpm++2m" is DPM-Solver++(2M) (diffusers' DPMSolverMultistepScheduler,
+# dpm_solver.py): deterministic and multistep, with its own timesteps; the one for few steps (~10).
+SAMPLERS = ("ancestral", "ddim", DPM)
 
 
 def check_sampler(name: str) -> str:
@@ -107,9 +109,12 @@ class UnCLIPSchedule:
                   "v_prediction": clipped / (snr + 1.0)}[self.config.prediction_type]
         return weight.astype(F32)
 
-    def timesteps(self, num_inference_steps: int) -> np.ndarray:
+    def timesteps(self, num_inference_steps: int, sampler: str = "ancestral") -> np.ndarray:
         """The descending int64 timesteps `UnCLIPScheduler.set_timesteps` makes: round(i * (T-1)/(n-1)) for
-        i < n (NumPy rounding, half to even), reversed. n = 25 gives 999, 957, ..., 42, 0."""
+        i < n (NumPy rounding, half to even), reversed. n = 25 gives 999, 957, ..., 42, 0. The dpm++2m sampler
+        has its own (DPMSolverMultistepScheduler's: n = 10 gives 999, 899, ..., 100; dpm_solver.py)."""
+        if check_sampler(sampler) == DPM:
+            return dpm_timesteps(self.config.num_train_timesteps, num_inference_steps)
         n, total = int(num_inference_steps), self.config.num_train_timesteps
         if not 2 <= n <= total:
             raise Dalle2Error(f"steps must be between 2 and {total} for this scheduler, got {num_inference_steps}")
@@ -146,15 +151,27 @@ class UnCLIPSchedule:
 
     @staticmethod
     def adds_noise(sampler: str, t: int) -> bool:
-        """Whether the step at t takes a noise draw (the loop draws it only then, keeping the stream in order)."""
+        """Whether the step at t takes a noise draw (the loop draws it only then, keeping the stream in order):
+        ancestral steps but the last; ddim and dpm++2m never."""
         return sampler == "ancestral" and int(t) > 0
 
     def sample_step(self, sampler: str, model_output: np.ndarray, t: int, sample: np.ndarray, prev: int | None,
                     noise: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """One step of the named sampler: `step` (ancestral) or `ddim_step`."""
+        """One step of the named single-step sampler: `step` (ancestral) or `ddim_step`."""
         if check_sampler(sampler) == "ancestral":
             return self.step(model_output, t, sample, prev, noise)
-        return self.ddim_step(model_output, t, sample, prev)
+        if sampler == "ddim":
+            return self.ddim_step(model_output, t, sample, prev)
+        raise Dalle2Error(f"the {sampler} sampler is multistep: step it through start({sampler!r}, steps)")
+
+    def start(self, sampler: str, steps: int):
+        """One sampling run of `steps` steps of the named sampler, for one loop: `.timesteps` (the sampler's,
+        descending) and `.step(i, model_output, sample, noise)` -> (next sample, predicted x0), called for
+        i = 0 .. steps - 1 in order. It holds what the sampler keeps between steps (dpm++2m's previous x0)."""
+        if check_sampler(sampler) == DPM:
+            return DPMSolverMultistep(self.alphas_cumprod, steps, self.config.prediction_type,
+                                      self.config.variance_type)
+        return _SingleStepRun(self, sampler, steps)
 
     def _split_variance(self, model_output: np.ndarray, sample: np.ndarray):
         """(prediction, predicted variance or None): a learned_range model's extra channels split off."""
@@ -223,3 +240,16 @@ class UnCLIPSchedule:
                 raise Dalle2Error(f"the step at t={t} adds noise: pass this step's draw")
             prev_sample = prev_sample + np.exp(self.log_sigma(t, prev, predicted_variance)) * np.asarray(noise, F32)
         return prev_sample.astype(F32), np.asarray(x0, F32)
+
+
+class _SingleStepRun:
+    """A run of a sampler without state between steps (ancestral, ddim): step i goes from timesteps[i] to
+    timesteps[i + 1] (the last to t - 1), as the pipelines' `prev_timestep` has it."""
+
+    def __init__(self, schedule: UnCLIPSchedule, sampler: str, steps: int):
+        self.schedule, self.sampler = schedule, sampler
+        self.timesteps = schedule.timesteps(steps, sampler)
+
+    def step(self, i: int, model_output: np.ndarray, sample: np.ndarray, noise: np.ndarray | None = None):
+        return self.schedule.sample_step(self.sampler, model_output, int(self.timesteps[i]), sample,
+                                         self.schedule.previous(self.timesteps, i), noise)

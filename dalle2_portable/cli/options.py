@@ -70,8 +70,9 @@ def _stage_option(stage: str, option: str, karlo):
         kind, text = float, f"{flag} classifier-free guidance scale (default: the model's; Karlo {karlo:g}; 1 = off)."
     else:
         kind, text = click.Choice(SAMPLERS), (f"{flag} sampler (default: the model's; Karlo {karlo}): ancestral is "
-                                              "the reference, ddim deterministic DDIM (the usual choice for fewer "
-                                              "steps).")
+                                              "the reference, ddim deterministic DDIM, dpm++2m DPM-Solver++(2M) "
+                                              "(diffusers' DPMSolverMultistepScheduler): the one for few steps, "
+                                              "e.g. 10.")
     return click.option(f"--{flag}-{option}", f"{stage}_{option}", type=kind, default=None, help=text)
 
 
