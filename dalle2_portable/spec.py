@@ -592,14 +592,52 @@ class Source:
     layout: str = "transformers-clip"
 
 
+QUANTIZED_BITS = (4, 8)
+QUANTIZED_GROUP_SIZES = (32, 64, 128)  # MLX's affine group sizes
+QUANTIZED_MODES = ("affine",)
+QUANTIZABLE_TYPES = ("prior", "unet2d_condition", "unet2d")  # the prior and the UNets; CLIP and text_proj stay
+
+
+@dataclass(frozen=True)
+class Quantization(_Config):
+    """How a component's weights are stored quantised (`dalle2 quantize`, quantize.py): MLX's affine group-wise
+    quantisation (`mx.quantize`), `bits` per weight, one float32 scale and bias per `group_size` consecutive
+    weights of a row. Which layers are quantised follows from this alone: every Linear and Conv2d whose row
+    (in_features, or kH*kW*in_channels) is a multiple of group_size (quantize.py `quantizable`)."""
+
+    TYPE: ClassVar[str] = "quantization"
+    bits: int = 8
+    group_size: int = 64
+    mode: str = "affine"
+
+    def __post_init__(self):
+        for key, ok in (("bits", QUANTIZED_BITS), ("group_size", QUANTIZED_GROUP_SIZES), ("mode", QUANTIZED_MODES)):
+            value = getattr(self, key)
+            if isinstance(value, bool) or value not in ok:
+                raise Dalle2Error(f"quantization {key} {value!r} is not supported; choose one of "
+                                  f"{', '.join(map(str, ok))}")
+
+    def describe(self) -> str:
+        return f"{self.bits}-bit, group {self.group_size} ({self.mode})"
+
+
 @dataclass(frozen=True)
 class Component:
     type: str
     config: Any  # one of COMPONENT_TYPES' classes
     weights: str  # file name inside the model directory
+    quantization: Quantization | None = None  # weights stored quantised (model.json "quantization"), or float
+
+    def __post_init__(self):
+        if self.quantization is not None and self.type not in QUANTIZABLE_TYPES:
+            raise Dalle2Error(f"a {self.type} component cannot be quantized; only the prior and the UNets "
+                              f"({', '.join(QUANTIZABLE_TYPES)}) can")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"type": self.type, "config": self.config.to_dict(), "weights": self.weights}
+        d = {"type": self.type, "config": self.config.to_dict(), "weights": self.weights}
+        if self.quantization is not None:
+            d["quantization"] = self.quantization.to_dict()
+        return d
 
     @classmethod
     def from_dict(cls, name: str, d: dict[str, Any]) -> Component:
@@ -607,10 +645,25 @@ class Component:
         missing = [k for k in ("type", "config", "weights") if k not in d]
         if missing:
             raise Dalle2Error(f"{where}: missing key {missing[0]!r}; re-convert the model with `dalle2 convert`")
+        unknown = sorted(set(d) - {"type", "config", "weights", "quantization"})
+        if unknown:
+            raise Dalle2Error(f"{where}: unknown key {unknown[0]!r}; known keys are config, quantization, type, "
+                              "weights")
         if not isinstance(d["type"], str) or d["type"] not in COMPONENT_TYPES:
             raise unsupported("type", d["type"], where, sorted(COMPONENT_TYPES))
         config = COMPONENT_TYPES[d["type"]].from_dict(d["config"], where)
-        return cls(d["type"], config, relative_path(d["weights"], f"{where} \"weights\""))
+        quantization = None
+        if d.get("quantization") is not None:
+            try:
+                quantization = Quantization.from_dict(d["quantization"], f"{where} \"quantization\"")
+            except Dalle2Error as e:
+                msg = str(e)
+                raise Dalle2Error(msg if msg.startswith(where) else f"{where}: {msg}") from None
+        try:
+            return cls(d["type"], config, relative_path(d["weights"], f"{where} \"weights\""), quantization)
+        except Dalle2Error as e:
+            msg = str(e)
+            raise Dalle2Error(msg if msg.startswith(where) else f"{where}: {msg}") from None
 
 
 @dataclass(frozen=True)

@@ -241,7 +241,12 @@ def validate(model_dir: str | os.PathLike, spec: ModelSpec, shapes_of, names=Non
     for name in names:
         comp = spec.components[name]
         path = component_path(model_dir, spec, name)
-        check_tensors(read_header(path), shapes_of(comp.type, comp.config), path)
+        if comp.quantization is None:
+            check_tensors(read_header(path), shapes_of(comp.type, comp.config), path)
+        else:  # the backend's view of the quantised module (quantize.py): packed weights, scales, biases
+            check_tensors(read_header(path), shapes_of(comp.type, comp.config, comp.quantization), path,
+                          "the file does not match the quantization model.json records; quantize the float model "
+                          "again with `dalle2 quantize`")
 
 
 def is_default_model(model_dir: str | os.PathLike) -> bool:
@@ -303,11 +308,20 @@ def model_files(directory: str | os.PathLike, spec: ModelSpec) -> list[str]:
 
 
 def count_parameters(model_dir: str | os.PathLike, spec: ModelSpec) -> dict[str, tuple[int, list[str]]]:
-    """{component: (parameter count, sorted dtypes)} from the headers alone."""
+    """{component: (parameter count, sorted dtypes)} from the headers alone; a quantised layer counts the weights
+    its packed words hold, not its scales and biases (quantize.py)."""
     out = {}
-    for name in spec.components:
-        infos = read_header(component_path(model_dir, spec, name)).values()
-        out[name] = (sum(i.numel for i in infos), sorted({i.dtype for i in infos}))
+    for name, comp in spec.components.items():
+        header = read_header(component_path(model_dir, spec, name))
+        q = comp.quantization
+        count = 0
+        for key, info in header.items():
+            prefix = key.rpartition(".")[0] + "."
+            packed = q is not None and f"{prefix}scales" in header
+            if packed and key.endswith((".scales", ".biases")):
+                continue
+            count += info.numel * (32 // q.bits) if packed and key.endswith(".weight") else info.numel
+        out[name] = (count, sorted({i.dtype for i in header.values()}))
     return out
 
 
