@@ -277,7 +277,22 @@ def read_adapters(model_dir, components, loras) -> list[tuple[Adapter, float]]:
     """(adapter, scale) for each (file, scale) of `loras`, resolved against the named `components` of the
     model in `model_dir` (their module paths read from the weight files; nothing loaded)."""
     paths = {k: v for k, v in file_module_paths(model_dir).items() if k in components}
-    return _read_all(loras, paths)
+    return _not_quantized(model_dir, _read_all(loras, paths))
+
+
+def _not_quantized(model_dir, adapters: list[tuple[Adapter, float]]) -> list[tuple[Adapter, float]]:
+    """`adapters`, unless one adapts a quantised component (quantize.py), into whose packed weights no adapter
+    merges: then one line saying to fuse into the float model first."""
+    from . import store
+
+    spec = store.read_spec(model_dir)
+    for name in _touched(adapters):
+        q = spec.components[name].quantization
+        if q is not None:
+            raise Dalle2Error(f"the {name} of {str(model_dir)!r} is quantized ({q.describe()}) and a LoRA adapter "
+                              "merges into float weights; fuse the adapter into the float model (`dalle2 lora fuse`),"
+                              " then quantize the result (`dalle2 quantize`)")
+    return adapters
 
 
 def merge_component(backend, module, component: str, adapters) -> None:
@@ -316,7 +331,7 @@ def fuse_model(model_dir, loras, out, overwrite: bool = False) -> Path:
     model_dir = Path(model_dir)
     spec = store.read_spec(model_dir)
     files = {name: store.component_path(model_dir, spec, name) for name in spec.components}
-    adapters = _read_all(loras, file_module_paths(model_dir))
+    adapters = _not_quantized(model_dir, _read_all(loras, file_module_paths(model_dir)))
     with store.atomic_directory(out, overwrite=overwrite) as tmp:
         shutil.copytree(model_dir, tmp, dirs_exist_ok=True)
         for component in _touched(adapters):

@@ -148,6 +148,11 @@ def train(stage: str, data, out, model=None, config: str | None = None, settings
         seed_model(base, dataset, b, config if config in PRESETS else "tiny", settings.image_size, settings.seed,
                    stage)
     spec = store.read_spec(base)
+    quantized = [n for n in COMPONENTS[stage] if n in spec.components and spec.components[n].quantization]
+    if quantized and config is None:  # fine-tuning reads float weights
+        how = spec.components[quantized[0]].quantization.describe()
+        raise Dalle2Error(f"the base model's {quantized[0]} is quantized ({how}); train from the float model it was "
+                          "made from, then quantize the result")
     image_clip, clip, embeddings, uncond = record["clip"], None, None, None
     if stage == "clip":  # its own tokenizer and preprocessing, the towers to train
         missing = [c for c in COMPONENTS[stage] if c not in spec.components]
