@@ -5,6 +5,7 @@
     out = pipe.generate("a corgi in a spacesuit", num_images=2, seed=0)  # out.images, out.image_embeddings
     clip = d2.load_clip("openai/clip-vit-base-patch32", backend="auto")
     d2.convert("kakaobrain/karlo-v1-alpha", "karlo")
+    d2.quantize("karlo", "karlo-8bit", bits=8)  # MLX 8-bit prior and UNets, a model directory of its own
     d2.train("prior", data="shapes", out="runs/prior", model="karlo", settings=d2.TrainSettings(steps=2000))
 
 Neither MLX nor PyTorch is imported here: a backend is imported when it is first used.
@@ -18,10 +19,11 @@ from .compare import compare_backends
 from .convert import convert
 from .errors import Dalle2Error, Dalle2Warning
 from .pipeline import Pipeline, UnCLIPOutput, load_pipeline
+from .quantize import quantize
 from .spec import PipelineDefaults
 from . import train  # the training subpackage, callable: d2.train(...) is train.loop.train(...)
 from .train.settings import TrainSettings
 
 __all__ = ["load_pipeline", "Pipeline", "UnCLIPOutput", "PipelineDefaults", "compare_backends", "load_clip", "CLIP",
-           "convert", "train", "TrainSettings", "get_backend", "installed_backends", "Dalle2Error", "Dalle2Warning",
-           "__version__"]
+           "convert", "quantize", "train", "TrainSettings", "get_backend", "installed_backends", "Dalle2Error",
+           "Dalle2Warning", "__version__"]

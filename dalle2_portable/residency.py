@@ -79,7 +79,9 @@ def load_module(backend, model_dir, spec, name: str, prepare: Callable[[str, Any
     """Component `name` of the model directory on `backend` (the caller validated its file), then
     `prepare(name, module)` if given."""
     comp = spec.components[name]
-    module = backend.load_component(comp.type, comp.config, str(store.component_path(model_dir, spec, name)))
+    path = str(store.component_path(model_dir, spec, name))
+    module = (backend.load_component(comp.type, comp.config, path) if comp.quantization is None
+              else backend.load_component(comp.type, comp.config, path, quantization=comp.quantization))
     if prepare is not None:
         prepare(name, module)
     return module

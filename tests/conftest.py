@@ -195,6 +195,14 @@ RUNS_ON = {
         "test_a_bad_seed_is_one_line_in_the_cli", "test_non_finite_guidance_in_the_cli",
         "test_a_stage_that_goes_non_finite_names_itself_and_saves_nothing",
         "test_steps_beyond_the_schedule_are_one_line", "test_steps_are_checked_before_any_weight_loads")},
+    # quantising is MLX's (mx.quantize); a quantised model then loads on either backend
+    **{f"test_quantize.py::{t}": ("mlx",) for t in (
+        "test_a_quantised_component_follows_the_float_one", "test_the_stored_weights_are_what_mlx_dequantises",
+        "test_the_quantised_directory_loads_and_generates", "test_low_memory_loads_quantised_components",
+        "test_bfloat16_runs_a_quantised_model", "test_the_cli_quantizes_and_info_says_so")},
+    **{f"test_quantize.py::{t}": ("installed",) for t in (
+        "test_which_layers_are_quantised_follows_the_recorded_quantization", "test_bad_inputs_are_one_line",
+        "test_a_bad_quantised_model_is_one_line")},
 }
 
 # The slow tier, as "file::test[params]" patterns (fnmatch): the whole-cascade checks beyond one generate per

@@ -95,8 +95,9 @@ class Backend(ABC):
             return Bundle(parts)
 
     @abstractmethod
-    def parameter_shapes(self, component_type: str, config: Any) -> dict[str, tuple[int, ...]]:
-        """{canonical name: shape in canonical (PyTorch) layout}, computed without allocating the weights."""
+    def parameter_shapes(self, component_type: str, config: Any, quantization=None) -> dict[str, tuple[int, ...]]:
+        """{canonical name: shape in canonical (PyTorch) layout}, computed without allocating the weights; with a
+        `quantization` (spec.Quantization), the tensors of the quantised component's file (quantize.py)."""
 
     @abstractmethod
     def load_weights(self, module, tensors: dict[str, np.ndarray], partial: bool = False) -> None:
@@ -198,9 +199,13 @@ class Backend(ABC):
         """Return the memory of dropped modules to the system (low-memory pipelines call it between stages)."""
         gc.collect()
 
-    def load_component(self, component_type: str, config: Any, path: str, dtype: str | None = None):
+    def load_component(self, component_type: str, config: Any, path: str, dtype: str | None = None,
+                       quantization=None):
         """Build a component and load its weights (the caller validated the file with `store.validate`), in
-        this backend's dtype or `dtype` (a LoRA run's frozen base in bfloat16)."""
+        this backend's dtype or `dtype` (a LoRA run's frozen base in bfloat16); `quantization`: the file holds
+        quantised weights (quantize.py), which the backend runs quantised (MLX) or loads dequantised (torch)."""
+        if quantization is not None:
+            raise Dalle2Error(f"the {self.name} backend cannot load quantized weights; use --backend mlx")
         module = self.build(component_type, config)
         self.load_file(module, path, dtype)
         return module

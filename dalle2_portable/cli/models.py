@@ -1,4 +1,4 @@
-"""`dalle2 convert`, `dalle2 cache list|clear`, `dalle2 info`, `dalle2 verify`."""
+"""`dalle2 convert`, `dalle2 quantize`, `dalle2 cache list|clear`, `dalle2 info`, `dalle2 verify`."""
 
 from __future__ import annotations
 
@@ -31,6 +31,34 @@ def convert(source, out, revision, dtype, variant, overwrite):
     counts = count_parameters(out, spec)
     parts = ", ".join(f"{name} {n:,}" for name, (n, _) in counts.items())
     click.echo(f"wrote {out}: {parts} parameters ({dtype})")
+
+
+@main.command()
+@click.argument("model")
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--bits", type=int, default=8, show_default=True, help="Bits per weight: 8 or 4.")
+@click.option("--group-size", type=int, default=64, show_default=True, help="Weights sharing one scale and bias: "
+              "32, 64 or 128 (a layer whose row is not a multiple of it stays float32).")
+@click.option("--components", default=None, help="Comma-separated components to quantize (default: the prior and "
+              "every UNet: prior,decoder,super_res_first,super_res_last; the CLIP towers and text_proj stay float).")
+@click.option("--revision", default=None, help="Hub branch, tag or commit of MODEL (default: main).")
+@click.option("--force", "overwrite", is_flag=True, help="Replace OUT if it exists (only once the new one is "
+              "complete).")
+def quantize(model, out, bits, group_size, components, revision, overwrite):
+    """Write OUT: MODEL (a model directory, Hub id or `default`) with its prior and UNets quantized to 8 or 4 bits
+    by MLX (mx.quantize, affine, group-wise), a model directory that loads as any other: quantized on --backend
+    mlx, dequantized at load on torch."""
+    from ..convert import resolve_model
+    from ..quantize import quantize as quantize_model
+    from ..store import directory_size, read_spec
+
+    names = None if components is None else [c.strip() for c in components.split(",") if c.strip()]
+    source = resolve_model(model, revision=revision)
+    path = quantize_model(source, out, bits=bits, group_size=group_size, components=names, overwrite=overwrite)
+    spec = read_spec(path)
+    done = [n for n, c in spec.components.items() if c.quantization is not None]
+    click.echo(f"wrote {path}: {', '.join(done)} at {bits} bits (group {group_size}); "
+               f"{directory_size(path) / 1e6:,.1f} MB (was {directory_size(source) / 1e6:,.1f} MB)")
 
 
 @main.group()
@@ -88,7 +116,8 @@ def info(model, revision):
     for name, comp in spec.components.items():
         n, dtypes = counts[name]
         total += n
-        click.echo(f"{name:<16}{comp.type:<18}{n:>16,}  {','.join(dtypes)}")
+        quantized = f"  ({comp.quantization.describe()})" if comp.quantization else ""
+        click.echo(f"{name:<16}{comp.type:<18}{n:>16,}  {','.join(dtypes)}{quantized}")
     click.echo(f"{'total':<34}{total:>16,}")
     if spec.tokenizer:
         t = spec.tokenizer

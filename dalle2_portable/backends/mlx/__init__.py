@@ -65,6 +65,24 @@ def _to_canonical_layout(name: str, w, convs: set[str]):
     return w.transpose(0, 3, 1, 2) if name in convs and w.ndim == 4 else w
 
 
+def _is_float(a: mx.array) -> bool:
+    return mx.issubdtype(a.dtype, mx.floating)
+
+
+def quantize_module(module: nn.Module, q) -> nn.Module:
+    """`module` with every Linear and Conv2d that quantize.py's `quantizable` selects replaced, in place, by
+    MLX's QuantizedLinear or the facade's QuantizedConv2d (`nn.quantize` with that predicate; `mx.quantize` of
+    the weights the layers hold: on a lazily built module, a graph that loading replaces unevaluated)."""
+    from ...quantize import quantizable
+
+    def chosen(path: str, m: nn.Module) -> bool:
+        return (isinstance(m, (nn.Linear, nn.Conv2d)) and hasattr(m, "to_quantized")
+                and quantizable(tuple(m.weight.shape), q))
+
+    nn.quantize(module, q.group_size, q.bits, mode=q.mode, class_predicate=chosen)
+    return module
+
+
 class MLXBackend(Backend):
     name = "mlx"
 
@@ -93,9 +111,12 @@ class MLXBackend(Backend):
             mx.eval(module.parameters())
         return module
 
-    def parameter_shapes(self, component_type, config):
-        # MLX is lazy: the random init is a graph that is never evaluated, so nothing is allocated here.
+    def parameter_shapes(self, component_type, config, quantization=None):
+        # MLX is lazy: the random init (and its quantisation) is a graph that is never evaluated, so nothing is
+        # allocated here. A quantised module's view: the packed weights, scales and biases of its quantised layers.
         module = self.new(component_type, config)
+        if quantization is not None:
+            quantize_module(module, quantization)
         convs = _conv_weights(module)
         out = {}
         for name, p in tree_flatten(module.parameters()):
@@ -105,7 +126,8 @@ class MLXBackend(Backend):
 
     def _load(self, module, weights: list[tuple[str, mx.array]], dtype=None, strict=True) -> None:
         convs, kind = _conv_weights(module), _DTYPES[dtype] if dtype else self.mx_dtype
-        weights = [(k, _to_mlx_layout(k, v, convs).astype(kind)) for k, v in weights]
+        # floats cast to the dtype; a quantised layer's packed uint32 weights kept as they are
+        weights = [(k, _to_mlx_layout(k, v, convs).astype(kind) if _is_float(v) else v) for k, v in weights]
         module.load_weights(weights, strict=strict)  # strict: missing, extra and misshaped all raise
         with mx.stream(self.stream):
             mx.eval(module.parameters())
@@ -119,11 +141,23 @@ class MLXBackend(Backend):
     def load_file(self, module, path, dtype=None):
         self._load(module, list(mx.load(str(path)).items()), dtype)
 
-    def load_component(self, component_type, config, path, dtype=None):
+    def load_component(self, component_type, config, path, dtype=None, quantization=None):
         module = self.new(component_type, config)  # lazy init, replaced before it is ever evaluated
+        if quantization is not None:  # the quantised structure, its (lazy) arrays replaced by the file's
+            quantize_module(module, quantization)
         module.eval()
         self.load_file(module, path, dtype)
         return module
+
+    def quantize_component(self, component_type, config, path, quantization) -> dict[str, np.ndarray]:
+        """The tensors of a quantised component file (quantize.py's format) from a float one: the component
+        loaded in float32, its layers quantised with `mx.quantize`, read back in canonical names (the packed
+        weights uint32, every float tensor float32 in canonical layout)."""
+        module = self.load_component(component_type, config, path, dtype="float32")
+        quantize_module(module, quantization)
+        with mx.stream(self.stream):
+            mx.eval(module.parameters())
+        return self.state_dict(module)
 
     def state_dict(self, module):
         return self.to_numpy(module, self.weights(module))
@@ -164,8 +198,8 @@ class MLXBackend(Backend):
         convs = _conv_weights(module)
         # C order: np.array of a transposed MLX array keeps its strides, and safetensors' numpy writer would
         # write such a buffer as it lies in memory, not in its logical order
-        return {k: np.require(np.array(_to_canonical_layout(k, v, convs).astype(mx.float32)), requirements="C")
-                for k, v in arrays.items()}
+        return {k: np.require(np.array(_to_canonical_layout(k, v, convs).astype(mx.float32) if _is_float(v) else v),
+                              requirements="C") for k, v in arrays.items()}  # packed quantised weights kept
 
     def from_numpy(self, module, tensors):
         convs = _conv_weights(module)

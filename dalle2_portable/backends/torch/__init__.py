@@ -15,6 +15,12 @@ from .train import TorchTrainStep
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+def _layers(module: torch.nn.Module) -> set[str]:
+    """The weights of `module`'s Linear and Conv2d layers (those quantisation may store quantised)."""
+    return {f"{name}.weight" for name, m in module.named_modules()
+            if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
+
+
 class TorchBackend(Backend):
     name = "torch"
 
@@ -46,10 +52,15 @@ class TorchBackend(Backend):
         with torch.device(self.device):
             return super().add_lora(module, rank, alpha, targets, dropout)
 
-    def parameter_shapes(self, component_type, config):
+    def parameter_shapes(self, component_type, config, quantization=None):
         with torch.device("meta"):  # shapes without allocating a byte
             module = self.new(component_type, config)
-        return {k: tuple(v.shape) for k, v in module.state_dict().items()}
+        shapes = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+        if quantization is None:
+            return shapes
+        from ...quantize import quantized_shapes  # what this backend reads from a quantised file
+
+        return quantized_shapes(shapes, _layers(module), quantization)
 
     def load_weights(self, module, tensors, partial=False):
         if partial:
@@ -70,10 +81,19 @@ class TorchBackend(Backend):
                     sd[k] = f.get_tensor(k).to(self.device, target)
         module.load_state_dict(sd, strict=True, assign=True)
 
-    def load_component(self, component_type, config, path, dtype=None):
+    def load_component(self, component_type, config, path, dtype=None, quantization=None):
         with torch.device("meta"):  # no random init to throw away: the file's tensors are assigned
             module = self.new(component_type, config)
-        self.load_file(module, path, dtype)
+        if quantization is None:
+            self.load_file(module, path, dtype)
+        else:  # the quantised weights dequantised in NumPy, one tensor at a time: the same weights MLX runs
+            from ...quantize import dequantized
+
+            target = _DTYPES[dtype] if dtype else self.torch_dtype
+            shapes = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+            sd = {k: torch.from_numpy(v).to(self.device, target)
+                  for k, v in dequantized(path, shapes, _layers(module), quantization)}
+            module.load_state_dict(sd, strict=True, assign=True)
         return module.eval()
 
     def state_dict(self, module):
