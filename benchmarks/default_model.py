@@ -24,6 +24,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import cpu_name  # noqa: E402
+
 PROMPTS = ["a red circle", "a green triangle", "a blue square", "a yellow circle", "an orange triangle",
            "a purple square", "a pink circle", "a white triangle"]
 
@@ -64,18 +67,6 @@ print(json.dumps(dict(load=load, one=times[1], eight=times[8], size=size, gflops
                       defaults=pipe.defaults.to_dict(),
                       rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)))
 """
-
-
-def cpu_name() -> str:
-    """The CPU's model name (Linux), else the platform's processor string."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:
