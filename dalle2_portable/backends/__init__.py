@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from ..distributed import SINGLE, World, launcher
 from ..errors import Dalle2Error
 from ..modules import Bundle, building
 
@@ -194,6 +195,22 @@ class Backend(ABC):
     @abstractmethod
     def sync(self, arrays) -> None:
         """Make sure arrays computed outside a step are computed (MLX is lazy; torch is not)."""
+
+    world = SINGLE  # this process's place among training processes (`join`); one process unless launched
+
+    def join(self) -> World:
+        """Join the process group this backend's launcher set up (distributed.py) and return this process's World
+        (also kept as `self.world`); a process no launcher started is SINGLE. A backend without multi-process
+        training refuses a launched run in one line."""
+        started = launcher()
+        if started is not None:
+            raise Dalle2Error(f"this process was started by {started}; the {self.name} backend trains in one process "
+                              "(start it without the launcher)")
+        return self.world
+
+    def average(self, values: list[float]) -> list[float]:
+        """The mean of each value across the training processes (the logged loss; also a barrier)."""
+        return [float(v) for v in values]
 
     def free_memory(self) -> None:
         """Return the memory of dropped modules to the system (low-memory pipelines call it between stages)."""

@@ -3,10 +3,12 @@
     step(*inputs, lr=...)          == step.accumulate([inputs], lr)
     step.accumulate(batches, lr)   one optimiser step on the mean of the micro-batches' gradients:
         _start(lr)                     set the learning rate, forget the last step's gradients
-        _add(arrays, k)  per batch     forward (in the compute dtype) and backward; the gradient (float32) added
-                                       to the running sum with weight 1 / k (torch: backward of loss / k; MLX:
-                                       the trees summed, divided once in _finish); returns the batch's loss
-        _finish(k)                     clip the mean gradient by global norm, AdamW; returns the norm (or None)
+        _add(arrays, k, last)  per batch  forward (in the compute dtype) and backward; the gradient (float32)
+                                       added to the running sum with weight 1 / k (torch: backward of loss / k;
+                                       MLX: the trees summed, divided once in _finish); returns the batch's loss
+        _finish(k)                     average across processes (distributed.py: torch's DDP did it in the last
+                                       backward; MLX: nn.average_gradients), clip the mean gradient by global
+                                       norm, AdamW; returns the norm (or None)
 
 Mixed precision (`dtype="bfloat16"`): the master weights, the gradients, their sum, AdamW's moments and the
 update stay float32; only the forward and backward compute runs in bfloat16 (torch: `torch.autocast`; MLX:
@@ -68,7 +70,7 @@ class TrainStep(ABC):
         batches = check_micro_batches(batches)
         k = len(batches)
         self._start(lr)
-        losses = [self._add(self.backend.arrays(inputs), k) for inputs in batches]
+        losses = [self._add(self.backend.arrays(inputs), k, i == k - 1) for i, inputs in enumerate(batches)]
         norm = self._finish(k)
         if norm is not None:
             self.grad_norm = float(norm)
@@ -79,10 +81,12 @@ class TrainStep(ABC):
         """Set the learning rate; clear the gradients of the last step."""
 
     @abstractmethod
-    def _add(self, args: list, k: int) -> float:
+    def _add(self, args: list, k: int, last: bool) -> float:
         """Forward and backward of `loss_fn` on one micro-batch's backend arrays, its gradient (float32) added to
-        the running sum so that after all `k` the step applies their mean; the micro-batch's loss."""
+        the running sum so that after all `k` the step applies their mean; the micro-batch's loss. `last`: the
+        step's last micro-batch (torch's DistributedDataParallel averages across processes in its backward)."""
 
     @abstractmethod
     def _finish(self, k: int):
-        """Clip the mean gradient to `max_grad_norm` and apply AdamW; the norm before clipping, or None."""
+        """Average the gradient across training processes (if several; distributed.py), clip the mean gradient
+        to `max_grad_norm` and apply AdamW; the norm before clipping, or None."""

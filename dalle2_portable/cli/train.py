@@ -97,6 +97,7 @@ def train(stage, recipe, data, out, model, image_clip, config, freeze, resume, s
     either backend, and `--from OUT/run.json` launches it again."""
 
     from ..train.loop import train as run_training
+    from ..distributed import launched_rank
     from ..train.settings import read_recipe, settings_from
 
     warnings.formatwarning = lambda message, *_, **__: f"warning: {message}\n"  # bad data records: one line each
@@ -116,5 +117,5 @@ def train(stage, recipe, data, out, model, image_clip, config, freeze, resume, s
                           settings=settings, backend=backend or base.get("backend", "auto"),
                           device=device or base.get("device"), resume=resume, progress=not quiet, stop_at=stop_at,
                           clip=image_clip or base.get("clip"))
-    if not quiet:
+    if not quiet and launched_rank() == 0:  # one process says it (torchrun / mlx.launch start several)
         click.echo(f"wrote {result}" if result else f"stopped at step {stop_at}; continue with --resume")

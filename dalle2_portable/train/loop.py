@@ -27,6 +27,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ from .. import store
 from ..backends import get_backend
 from ..clip import CLIP
 from ..convert import resolve_model
+from ..distributed import across
 from ..errors import Dalle2Error
 from ..images import write_atomic
 from ..lora import Adapter, LoRALayer, write_adapter
@@ -60,6 +62,7 @@ from .stages import BATCHES, COMPONENTS, FROZEN, LOSSES, PRESETS, SCHEDULERS, pr
 
 STAGES = tuple(COMPONENTS)
 CLIP_INITIAL_SCALE = math.log(1 / 0.07)  # CLIP's initial temperature
+ADAPTER_FILE = "pytorch_lora_weights.safetensors"  # a LoRA run's result in RUN/lora, diffusers' name
 
 
 def load_data(data: str | Dataset, settings: TrainSettings) -> Dataset:
@@ -140,13 +143,23 @@ def train(stage: str, data, out, model=None, config: str | None = None, settings
               "data_source": source, "config": config,  # source: what --from relaunches (None: a Python object)
               "clip": None if clip is None else str(Path(resolve_model(clip)).absolute()),
               "settings": dataclasses.asdict(settings)}
-    _check_run(run, record, resume)
     b = get_backend(backend, device=device)
+    world = b.join()  # one process, or this one's place among those torchrun / mlx.launch started
+    if world.size > 1:
+        if stage == "clip":
+            raise Dalle2Error("the CLIP stage trains in one process (its contrastive loss compares every caption "
+                              "with every picture of the batch); start it without the launcher")
+        world.part(settings.batch_size)  # splits evenly, or one line
+        progress = progress and world.writer
+    _check_run(run, record, resume)
+    _barrier(b, world, "starting the run")  # every rank checked the run directory before rank 0 writes to it
     record["backend"], record["device"] = b.name, device
     if model is None:
-        run.mkdir(parents=True, exist_ok=True)
-        seed_model(base, dataset, b, config if config in PRESETS else "tiny", settings.image_size, settings.seed,
-                   stage)
+        if world.writer:
+            run.mkdir(parents=True, exist_ok=True)
+            seed_model(base, dataset, b, config if config in PRESETS else "tiny", settings.image_size,
+                       settings.seed, stage)
+        _barrier(b, world, "writing the seed model")
     spec = store.read_spec(base)
     quantized = [n for n in COMPONENTS[stage] if n in spec.components and spec.components[n].quantization]
     if quantized and config is None:  # fine-tuning reads float weights
@@ -168,15 +181,21 @@ def train(stage: str, data, out, model=None, config: str | None = None, settings
             raise Dalle2Error(f"the base model has no CLIP image encoder, and the {stage} trains on CLIP image "
                               "embeddings; pass --clip with the CLIP it was trained with (Karlo: "
                               "openai/clip-vit-large-patch14)")
-        embeddings = cache_embeddings(dataset, clip, run / "embeddings", progress=progress)
+        if world.writer:  # rank 0 encodes the data and writes the cache; the others read it
+            embeddings = cache_embeddings(dataset, clip, run / "embeddings", progress=progress)
+        _barrier(b, world, "caching the CLIP embeddings")
+        if not world.writer:
+            embeddings = cache_embeddings(dataset, clip, run / "embeddings")
         uncond = clip.text_condition([""])
     low_size = _low_size(spec, settings) if stage == "super_res" else None
     configs = _configs(stage, spec, embeddings, config, settings)
     _check_crop(stage, configs, settings)
     scheduler = _scheduler(stage, spec, settings)
     record["components"] = {name: cfg.to_dict() for name, cfg in configs.items()}
-    run.mkdir(parents=True, exist_ok=True)
-    write_atomic(run / "run.json", lambda f: f.write(json.dumps(record, indent=1).encode()), True, ".json")
+    if world.writer:
+        record["processes"] = world.size
+        run.mkdir(parents=True, exist_ok=True)
+        write_atomic(run / "run.json", lambda f: f.write(json.dumps(record, indent=1).encode()), True, ".json")
 
     held = "bfloat16" if settings.lora_rank is not None and settings.dtype == "bfloat16" else None
     parts = {name: _component(b, base, spec, name, cfg, config is None, settings.seed, embeddings, held)
@@ -209,7 +228,8 @@ def train(stage: str, data, out, model=None, config: str | None = None, settings
         rng, start = ckpt_io.rng_from_state(saved.rng), saved.step
         if metrics.is_file():  # the lines after the checkpoint are drawn again
             lines = [x for x in metrics.read_text().splitlines(True) if json.loads(x)["step"] <= start]
-    write_atomic(metrics, lambda f: f.write("".join(lines).encode()), True, ".jsonl")
+    if world.writer:
+        write_atomic(metrics, lambda f: f.write("".join(lines).encode()), True, ".jsonl")
     curve = [json.loads(x)["loss"] for x in lines]
 
     ctx = _Context(settings, scheduler and UnCLIPSchedule(scheduler), embeddings, uncond, dataset)
@@ -229,6 +249,8 @@ def train(stage: str, data, out, model=None, config: str | None = None, settings
     drop = ("super_res_last",) if stage == "super_res" and config is not None else ()
 
     def result(step: int) -> Path:  # RUN/model (or RUN/lora's adapter) with the EMA weights so far, its preview
+        if not world.writer:  # rank 0 writes it
+            return run / "lora" / ADAPTER_FILE if settings.lora_rank is not None else run / "model"
         weights = b.to_numpy(bundle, ema.shadow)
         if settings.lora_rank is not None:
             out = _write_adapter(run, weights, settings)
@@ -243,14 +265,19 @@ def train(stage: str, data, out, model=None, config: str | None = None, settings
     iterator = range(start, end)
     if progress:
         iterator = tqdm_progress(iterator, f"train {stage}", end - start)
-    with open(metrics, "a") as log:
+    part = world.part(bs)  # this process's rows of each global batch (all of them in one process)
+    last_saved = f"the last checkpoint (step {start}) is intact: resume it with --resume"
+    with open(metrics if world.writer else os.devnull, "a") as log:
         for i in iterator:
             t0 = time.perf_counter()
-            batches = [BATCHES[stage](ctx, rng, rng.choice(n, bs, replace=n < bs))
+            batches = [BATCHES[stage](ctx, rng, rng.choice(n, bs, replace=n < bs), part)
                        for _ in range(settings.accumulate)]
             lr = learning_rate(i, settings.lr, settings.warmup, settings.steps)
-            with contextlib.nullcontext() if dropout is None else dropout.step(settings.seed, 2, i):
+            with across(world, f"step {i + 1}", last_saved), (
+                    contextlib.nullcontext() if dropout is None else dropout.step(settings.seed, 2, i)):
                 loss = step_fn.accumulate(batches, lr=lr)  # LoRA dropout's masks keyed by the seed and the step
+                if world.size > 1:  # the whole batch's loss: the mean of the processes' slices'
+                    loss = b.average([loss])[0]
             ema.update(trained(b.weights(bundle)), ema_decay(i + 1, max_decay=settings.ema_max_decay))
             b.sync(ema.shadow)
             speed = bs * settings.accumulate / (time.perf_counter() - t0)
@@ -260,17 +287,28 @@ def train(stage: str, data, out, model=None, config: str | None = None, settings
             curve.append(loss)
             if progress:
                 iterator.set_postfix(loss=f"{loss:.4g}", samples_s=f"{speed:.1f}")
-            if (i + 1) % settings.checkpoint_every == 0 or i + 1 == end:
+            if world.writer and ((i + 1) % settings.checkpoint_every == 0 or i + 1 == end):
                 kept = b.state_dict(bundle) if settings.lora_rank is None else b.to_numpy(
                     bundle, trained(b.weights(bundle)))
                 ckpt_io.save(run, ckpt_io.Checkpoint(i + 1, kept, b.to_numpy(bundle, ema.shadow),
                                                      step_fn.state(), rng.bit_generator.state, {}))
                 write_curve(run / "loss.png", curve, f"{stage} on {dataset.describe()}, {b.name}")
+                last_saved = f"the last checkpoint (step {i + 1}) is intact: resume it with --resume"
             if settings.preview_every and (i + 1) % settings.preview_every == 0 and i + 1 < settings.steps:
                 result(i + 1)
     if end < settings.steps:
+        _barrier(b, world, "the last checkpoint")
         return None
-    return result(end)
+    out = result(end)
+    _barrier(b, world, "writing the result")  # every rank returns once rank 0 has written it
+    return out
+
+
+def _barrier(b, world, what: str) -> None:
+    """Wait for every training process (a no-op in one), bounded by distributed.across."""
+    if world.size > 1:
+        with across(world, what, "nothing of the run was lost"):
+            b.average([0.0])
 
 
 def _add_lora(b, bundle, stage: str, settings: TrainSettings, dropout) -> tuple[str, ...]:
@@ -304,7 +342,7 @@ def _write_adapter(run: Path, weights: dict, settings: TrainSettings) -> Path:
             up = weights[key.replace(".lora_A.", ".lora_B.")]
             layers[(component, module)] = LoRALayer(down, up, float(settings.lora_alpha or settings.lora_rank))
     (run / "lora").mkdir(exist_ok=True)
-    return write_adapter(run / "lora" / "pytorch_lora_weights.safetensors",
+    return write_adapter(run / "lora" / ADAPTER_FILE,
                          Adapter(layers, dropout=settings.lora_dropout))
 
 

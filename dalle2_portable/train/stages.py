@@ -20,6 +20,11 @@ written once over the facade. The loop (loop.py) is the same for every stage.
     clip      both CLIP towers and the temperature (Radford et al. 2021): the symmetric cross-entropy of the
               batch's caption-image cosine similarities times exp(logit_scale), clamped at 100 as CLIP does.
               Captions are tokenised and images preprocessed in NumPy as `CLIP` does for inference.
+
+Each batch function draws its randomness (timesteps, noise, dropped conditions, crops) for all of the items
+`idx`, in one fixed order, then loads and returns only the rows `part` (distributed.py: each training process
+takes its slice of one global batch; one process takes them all), so the draws do not depend on how many
+processes share the batch.
 """
 
 from __future__ import annotations
@@ -48,6 +53,8 @@ COMPONENTS = {"prior": ("prior",), "decoder": ("text_proj", "decoder"), "super_r
               "clip": ("text_encoder", "image_encoder")}
 FROZEN = {"prior": ("prior.clip_mean", "prior.clip_std"), "decoder": (), "super_res": (), "clip": ()}  # CLIP stats
 MAX_LOGIT_SCALE = 4.6051702  # log(100), CLIP's clamp
+CHANNELS = 3  # the pictures' channels (Dataset.pixels: RGB)
+ALL = slice(None)  # every row of a batch: one training process
 PRESETS = {  # widths from scratch; every other size follows from the CLIP and --image-size
     "tiny": {"prior": dict(num_attention_heads=2, attention_head_dim=16, num_layers=2),
              "decoder": dict(block_out_channels=(32, 64), layers_per_block=1, attention_head_dim=16),
@@ -110,13 +117,16 @@ def _target(ctx, x0: np.ndarray, noise: np.ndarray, t: np.ndarray) -> tuple[np.n
     return ctx.schedule.training_target(x0, noise, t), ctx.schedule.min_snr_weights(t, ctx.settings.min_snr_gamma)
 
 
-def prior_batch(ctx, rng: np.random.Generator, idx: np.ndarray) -> tuple:
-    """(x_t, t, caption embeds, states, attention mask, target, weights) for the items `idx`."""
+def prior_batch(ctx, rng: np.random.Generator, idx: np.ndarray, part: slice = ALL) -> tuple:
+    """(x_t, t, caption embeds, states, attention mask, target, weights) for the items `idx[part]`; the draws
+    are made for all of `idx` (module doc)."""
     bs = len(idx)
     t = rng.integers(0, ctx.schedule.config.num_train_timesteps, bs)
+    noise = rng.standard_normal((bs, ctx.targets.shape[1]), dtype=np.float32)
+    drop = rng.random(bs) < ctx.settings.cond_drop
+    idx, t, noise, drop = idx[part], t[part], noise[part], drop[part]
     z0 = ctx.targets[idx].astype(np.float32)
-    noise = rng.standard_normal(z0.shape, dtype=np.float32)
-    text = drop_captions(ctx.embeddings.text_condition(idx), ctx.uncond, rng.random(bs) < ctx.settings.cond_drop)
+    text = drop_captions(ctx.embeddings.text_condition(idx), ctx.uncond, drop)
     x_t, _ = _noised(ctx.schedule, z0, t, noise)
     return (x_t, t, text.embeds, text.states, prior_attention_mask(text.mask)) + _target(ctx, z0, noise, t)
 
@@ -125,15 +135,17 @@ def prior_loss(F, bundle, x_t, t, text_embeds, text_states, mask, target, weight
     return losses.mse(F, bundle.prior(x_t, t, text_embeds, text_states, mask), target, weights)
 
 
-def decoder_batch(ctx, rng: np.random.Generator, idx: np.ndarray) -> tuple:
+def decoder_batch(ctx, rng: np.random.Generator, idx: np.ndarray, part: slice = ALL) -> tuple:
     """(x_t, t, image embeddings, image-dropped rows, caption embeds, states, context mask, x_0, target,
-    weights, the schedule's terms) for the items `idx`."""
+    weights, the schedule's terms) for the items `idx[part]`; the draws are made for all of `idx`."""
     bs = len(idx)
-    x0 = ctx.dataset.pixels(idx, ctx.image_size)
     t = rng.integers(0, ctx.schedule.config.num_train_timesteps, bs)
-    noise = rng.standard_normal(x0.shape, dtype=np.float32)
+    noise = rng.standard_normal((bs, CHANNELS, ctx.image_size, ctx.image_size), dtype=np.float32)
     drop_image = rng.random(bs) < ctx.settings.cond_drop
-    text = drop_captions(ctx.embeddings.text_condition(idx), ctx.uncond, rng.random(bs) < ctx.settings.caption_drop)
+    drop_caption = rng.random(bs) < ctx.settings.caption_drop
+    idx, t, noise, drop_image, drop_caption = (a[part] for a in (idx, t, noise, drop_image, drop_caption))
+    x0 = ctx.dataset.pixels(idx, ctx.image_size)
+    text = drop_captions(ctx.embeddings.text_condition(idx), ctx.uncond, drop_caption)
     x_t, terms = _noised(ctx.schedule, x0, t, noise)
     extra = ctx.extra_tokens  # text_proj's image tokens, always attended
     mask = decoder_attention_mask(np.pad(text.mask, ((0, 0), (extra, 0)), constant_values=True))
@@ -156,18 +168,20 @@ def decoder_loss(F, bundle, x_t, t, image_embeds, drop_image, text_embeds, text_
     return loss
 
 
-def super_res_batch(ctx, rng: np.random.Generator, idx: np.ndarray) -> tuple:
-    """(x_t concatenated with the upscaled small image, t, target, weights) for the items `idx`."""
-    bs = len(idx)
-    x0 = ctx.dataset.pixels(idx, ctx.image_size)
-    small = ctx.dataset.pixels(idx, ctx.low_size)
+def super_res_batch(ctx, rng: np.random.Generator, idx: np.ndarray, part: slice = ALL) -> tuple:
+    """(x_t concatenated with the upscaled small image, t, target, weights) for the items `idx[part]`; the
+    draws are made for all of `idx`."""
+    bs, size, crop = len(idx), ctx.image_size, ctx.settings.sr_crop
     t = rng.integers(0, ctx.schedule.config.num_train_timesteps, bs)
-    noise = rng.standard_normal(x0.shape, dtype=np.float32)
-    augment = rng.standard_normal(small.shape, dtype=np.float32)
-    up = upscale_bicubic(small + np.float32(ctx.settings.sr_noise) * augment, ctx.image_size)
-    crop = ctx.settings.sr_crop
+    noise = rng.standard_normal((bs, CHANNELS, size, size), dtype=np.float32)
+    augment = rng.standard_normal((bs, CHANNELS, ctx.low_size, ctx.low_size), dtype=np.float32)
+    corners = None if crop is None else rng.integers(0, size - crop + 1, (bs, 2))
+    idx, t, noise, augment = idx[part], t[part], noise[part], augment[part]
+    x0 = ctx.dataset.pixels(idx, size)
+    small = ctx.dataset.pixels(idx, ctx.low_size)
+    up = upscale_bicubic(small + np.float32(ctx.settings.sr_noise) * augment, size)
     if crop is not None:  # the same square of the picture and of its upscaled small image
-        corners = rng.integers(0, ctx.image_size - crop + 1, (bs, 2))
+        corners = corners[part]
         x0, up, noise = (np.stack([a[i, :, y:y + crop, x:x + crop] for i, (y, x) in enumerate(corners)])
                          for a in (x0, up, noise))
     x_t, _ = _noised(ctx.schedule, x0, t, noise)
@@ -178,8 +192,10 @@ def super_res_loss(F, bundle, sample, t, target, weights):
     return losses.mse(F, bundle.super_res_first(sample, t), target, weights)
 
 
-def clip_batch(ctx, rng: np.random.Generator, idx: np.ndarray) -> tuple:
-    """(token ids, pooled positions, preprocessed pixels) of the items `idx`, as `CLIP` makes them."""
+def clip_batch(ctx, rng: np.random.Generator, idx: np.ndarray, part: slice = ALL) -> tuple:
+    """(token ids, pooled positions, preprocessed pixels) of the items `idx[part]`, as `CLIP` makes them (no
+    draws). One process only: the contrastive loss compares every caption with every picture of the batch."""
+    idx = idx[part]
     ids = ctx.clip.tokenize([ctx.dataset.caption(int(i)) for i in idx])
     eos = ctx.clip.spec.components["text_encoder"].config.eos_token_id
     pixels = ctx.clip.preprocess([ctx.dataset.image(int(i), ctx.image_size) for i in idx])

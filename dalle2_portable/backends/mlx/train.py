@@ -12,6 +12,7 @@ order of the decoder likelihood's 1/255 bins: the decoder's loss moved by 3-12%,
 from __future__ import annotations
 
 import mlx.core as mx
+import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
@@ -47,7 +48,7 @@ class MLXTrainStep(TrainStep):
         self.optimizer.learning_rate = mx.array(lr, mx.float32)
         self.sum = None
 
-    def _add(self, args, k):
+    def _add(self, args, k, last):
         master = self.module.parameters()
         with mx.stream(self.backend.stream):
             try:
@@ -66,6 +67,8 @@ class MLXTrainStep(TrainStep):
         norm = None
         with mx.stream(self.backend.stream):
             grads = self.sum if k == 1 else tree_map(lambda g: g / k, self.sum)
+            if self.backend.world.size > 1:  # the mean over the processes' slices of the batch (distributed.py)
+                grads = nn.average_gradients(grads, communication_stream=mx.cpu)
             if self.max_grad_norm is not None:
                 grads, norm = optim.clip_grad_norm(grads, self.max_grad_norm)
             self.optimizer.update(self.module, grads)

@@ -3,11 +3,14 @@ modules/'s, built on facade.py."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from ...distributed import World, launcher, timeout_s
 from ...errors import Dalle2Error
 from .. import Backend
 from .train import TorchTrainStep
@@ -142,6 +145,40 @@ class TorchBackend(Backend):
 
     def sync(self, arrays) -> None:
         pass  # torch runs eagerly
+
+    def join(self):
+        started = launcher()
+        if started is None:
+            return self.world
+        if started != "torchrun":
+            raise Dalle2Error(f"this process was started by {started}; the torch backend trains across processes "
+                              "under torchrun (or use --backend mlx)")
+        import datetime
+
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            kind = "gloo"
+            if self.device.startswith("cuda"):  # one GPU per process, NCCL between them
+                kind, self.device = "nccl", f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+                torch.cuda.set_device(self.device)
+            try:
+                dist.init_process_group(kind, timeout=datetime.timedelta(seconds=timeout_s()))
+            except (RuntimeError, ValueError) as e:
+                raise Dalle2Error(f"cannot join the torchrun process group ({str(e).strip().splitlines()[0]}); "
+                                  "check --rdzv-endpoint / MASTER_ADDR (GLOO_SOCKET_IFNAME=lo on one machine)") from None
+        self.world = World(dist.get_rank(), dist.get_world_size())
+        return self.world
+
+    def average(self, values):
+        if self.world.size == 1:
+            return [float(v) for v in values]
+        import torch.distributed as dist
+
+        t = torch.tensor([float(v) for v in values], dtype=torch.float64,
+                         device=self.device if self.device.startswith("cuda") else "cpu")
+        dist.all_reduce(t)
+        return (t / self.world.size).tolist()
 
     def free_memory(self) -> None:
         super().free_memory()

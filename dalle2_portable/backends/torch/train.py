@@ -30,6 +30,18 @@ def bfloat16_autocast(device: str):
     return lambda: torch.autocast(device_type=kind, dtype=torch.bfloat16)
 
 
+class _Loss(torch.nn.Module):
+    """The loss as a module, so that DistributedDataParallel wraps it: its forward is `loss_fn(F, module,
+    *args)`, and DDP's hooks average the gradients of `module`'s trainable weights in the backward pass."""
+
+    def __init__(self, module, loss_fn, facade):
+        super().__init__()
+        self.module, self.loss_fn, self.facade = module, loss_fn, facade
+
+    def forward(self, *args):
+        return self.loss_fn(self.facade, self.module, *args)
+
+
 class TorchTrainStep(TrainStep):
     """backends/step.py's TrainStep on torch: gradients accumulate in the float32 parameters' `.grad`."""
 
@@ -39,6 +51,14 @@ class TorchTrainStep(TrainStep):
         for k in backend.frozen_names(named, frozen):
             named.pop(k).requires_grad_(False)
         self.params = named
+        self.forward, self.ddp = (lambda *args: loss_fn(backend.facade, module, *args)), None
+        if backend.world.size > 1:  # DistributedDataParallel averages the gradients in the backward pass
+            from torch.nn.parallel import DistributedDataParallel
+
+            cuda = backend.device.startswith("cuda")
+            self.ddp = DistributedDataParallel(_Loss(module, loss_fn, backend.facade),
+                                               device_ids=[torch.device(backend.device)] if cuda else None)
+            self.forward = self.ddp
         self.optimizer = torch.optim.AdamW(list(self.params.values()), lr=settings.lr, betas=settings.betas,
                                            eps=settings.eps, weight_decay=settings.weight_decay)
         self.compute = bfloat16_autocast(backend.device) if dtype == "bfloat16" else contextlib.nullcontext
@@ -48,10 +68,12 @@ class TorchTrainStep(TrainStep):
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
 
-    def _add(self, args, k):
-        with torch.enable_grad():
+    def _add(self, args, k, last):
+        # DDP: reduce across processes once, in the last micro-batch's backward
+        sync = self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext()
+        with torch.enable_grad(), sync:
             with self.compute():  # the forward only: backward runs each op in its forward's dtype
-                loss = self.loss_fn(self.backend.facade, self.module, *args)
+                loss = self.forward(*args)
             (loss / k).backward()  # .grad sums over the micro-batches: their mean gradient after k
         return float(loss.detach().float())
 
