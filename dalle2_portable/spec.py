@@ -603,12 +603,15 @@ class Quantization(_Config):
     """How a component's weights are stored quantised (`dalle2 quantize`, quantize.py): MLX's affine group-wise
     quantisation (`mx.quantize`), `bits` per weight, one float32 scale and bias per `group_size` consecutive
     weights of a row. Which layers are quantised follows from this alone: every Linear and Conv2d whose row
-    (in_features, or kH*kW*in_channels) is a multiple of group_size (quantize.py `quantizable`)."""
+    (in_features, or kH*kW*in_channels) is a multiple of group_size (quantize.py `quantizable`), except the
+    module paths in `keep`, which stay float (by default the layers outside the repeated blocks: the input and
+    output layers and the time embedding)."""
 
     TYPE: ClassVar[str] = "quantization"
     bits: int = 8
     group_size: int = 64
     mode: str = "affine"
+    keep: tuple[str, ...] = ()
 
     def __post_init__(self):
         for key, ok in (("bits", QUANTIZED_BITS), ("group_size", QUANTIZED_GROUP_SIZES), ("mode", QUANTIZED_MODES)):
@@ -616,9 +619,11 @@ class Quantization(_Config):
             if isinstance(value, bool) or value not in ok:
                 raise Dalle2Error(f"quantization {key} {value!r} is not supported; choose one of "
                                   f"{', '.join(map(str, ok))}")
+        object.__setattr__(self, "keep", tuple(self.keep))
 
     def describe(self) -> str:
-        return f"{self.bits}-bit, group {self.group_size} ({self.mode})"
+        kept = f", {len(self.keep)} layers float" if self.keep else ""
+        return f"{self.bits}-bit, group {self.group_size} ({self.mode}{kept})"
 
 
 @dataclass(frozen=True)

@@ -41,10 +41,12 @@ def convert(source, out, revision, dtype, variant, overwrite):
               "32, 64 or 128 (a layer whose row is not a multiple of it stays float32).")
 @click.option("--components", default=None, help="Comma-separated components to quantize (default: the prior and "
               "every UNet: prior,decoder,super_res_first,super_res_last; the CLIP towers and text_proj stay float).")
+@click.option("--all-layers", is_flag=True, help="Quantize the layers outside the repeated blocks too (the input and "
+              "output layers and the time embedding, which stay float by default).")
 @click.option("--revision", default=None, help="Hub branch, tag or commit of MODEL (default: main).")
 @click.option("--force", "overwrite", is_flag=True, help="Replace OUT if it exists (only once the new one is "
               "complete).")
-def quantize(model, out, bits, group_size, components, revision, overwrite):
+def quantize(model, out, bits, group_size, components, all_layers, revision, overwrite):
     """Write OUT: MODEL (a model directory, Hub id or `default`) with its prior and UNets quantized to 8 or 4 bits
     by MLX (mx.quantize, affine, group-wise), a model directory that loads as any other: quantized on --backend
     mlx, dequantized at load on torch."""
@@ -54,7 +56,8 @@ def quantize(model, out, bits, group_size, components, revision, overwrite):
 
     names = None if components is None else [c.strip() for c in components.split(",") if c.strip()]
     source = resolve_model(model, revision=revision)
-    path = quantize_model(source, out, bits=bits, group_size=group_size, components=names, overwrite=overwrite)
+    path = quantize_model(source, out, bits=bits, group_size=group_size, components=names, all_layers=all_layers,
+                          overwrite=overwrite)
     spec = read_spec(path)
     done = [n for n, c in spec.components.items() if c.quantization is not None]
     click.echo(f"wrote {path}: {', '.join(done)} at {bits} bits (group {group_size}); "

@@ -78,7 +78,7 @@ def quantize_module(module: nn.Module, q) -> nn.Module:
 
     def chosen(path: str, m: nn.Module) -> bool:
         return (isinstance(m, (nn.Linear, nn.Conv2d)) and hasattr(m, "to_quantized")
-                and quantizable(tuple(m.weight.shape), q))
+                and quantizable(f"{path}.weight", tuple(m.weight.shape), q))
 
     nn.quantize(module, q.group_size, q.bits, mode=q.mode, class_predicate=chosen)
     return module
