@@ -31,10 +31,26 @@ class Linear(nn.Linear):
     """nn.Linear computing in its weight's dtype, as torch.autocast casts a matmul's inputs (MLX would promote a
     float32 input and bfloat16 weights to a float32 product): bfloat16 training (backends/mlx/train.py) runs its
     forward on bfloat16 weights with float32 inputs, which the loss reads at full precision. A no-op otherwise:
-    `Backend.run` hands a module inputs in its weights' dtype."""
+    `Backend.run` hands a module inputs in its weights' dtype. `nn.quantize` turns it into a QuantizedLinear."""
 
     def __call__(self, x: mx.array) -> mx.array:
         return super().__call__(_in_weight_dtype(x, self))
+
+    def to_quantized(self, group_size: int = 64, bits: int = 8, mode: str = "affine", **_) -> QuantizedLinear:
+        return QuantizedLinear.from_linear(self, group_size, bits, mode)
+
+
+class QuantizedLinear(nn.QuantizedLinear):
+    """MLX's QuantizedLinear (same arrays and names), computing on the CPU as dequantise + matmul: MLX 0.32's CPU
+    `quantized_matmul` is a plain loop (0.7 GFLOP/s on a 2048x1280 @ 1280x1280 product, where dequantising the
+    weight and multiplying through BLAS reaches 41, float32 48). On the GPU, MLX's quantised kernel."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if mx.default_device() == mx.gpu:
+            return super().__call__(x)
+        w = mx.dequantize(self["weight"], self["scales"], self["biases"], self.group_size, self.bits, mode=self.mode)
+        y = (x if x.dtype == w.dtype else x.astype(w.dtype)) @ w.T
+        return y + self["bias"] if "bias" in self else y
 
 
 class Conv2d(nn.Conv2d):
@@ -52,8 +68,8 @@ class QuantizedConv2d(nn.Module):
     convolution): `mx.quantize` over each output channel's row of kH*kW*in weights (MLX's (O, kH, kW, I) order),
     packed uint32 `weight`, `scales`, `biases`, and the float `bias`. Each call dequantises the kernel
     (`mx.dequantize`, one kernel at a time) and convolves with `mx.conv2d`: the weights are held at bits/32 of
-    their float32 size plus one scale and bias per group; the time it costs per step is measured in README.
-    Frozen, as QuantizedLinear is."""
+    their float32 size plus one scale and bias per group; what the dequantisation costs per step is measured by
+    benchmarks/quantize.py. Frozen, as QuantizedLinear is."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: tuple[int, int], stride=(1, 1),
                  padding=(0, 0), dilation=1, groups: int = 1, bias: bool = True, group_size: int = 64,
