@@ -77,14 +77,14 @@ class Components(Mapping):
 
 def load_module(backend, model_dir, spec, name: str, prepare: Callable[[str, Any], None] | None = None):
     """Component `name` of the model directory on `backend` (the caller validated its file), then
-    `prepare(name, module)` if given (the LoRA merge), then the backend's layout for sampling."""
+    `prepare(name, module)` if given."""
     comp = spec.components[name]
     path = str(store.component_path(model_dir, spec, name))
     module = (backend.load_component(comp.type, comp.config, path) if comp.quantization is None
               else backend.load_component(comp.type, comp.config, path, quantization=comp.quantization))
     if prepare is not None:
         prepare(name, module)
-    return backend.for_inference(module, comp.type)
+    return module
 
 
 class Deferred:

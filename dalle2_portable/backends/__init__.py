@@ -196,11 +196,6 @@ class Backend(ABC):
     def sync(self, arrays) -> None:
         """Make sure arrays computed outside a step are computed (MLX is lazy; torch is not)."""
 
-    def for_inference(self, module, component_type: str):
-        """`module` made ready for sampling (a pipeline's components; training never calls it): the same weights,
-        laid out as this framework computes them fastest. Nothing by default."""
-        return module
-
     world = SINGLE  # this process's place among training processes (`join`); one process unless launched
 
     def join(self) -> World:

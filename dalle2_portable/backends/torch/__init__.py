@@ -146,14 +146,6 @@ class TorchBackend(Backend):
     def sync(self, arrays) -> None:
         pass  # torch runs eagerly
 
-    def for_inference(self, module, component_type):
-        # The UNets' convolutions in channels-last (NHWC) memory: oneDNN's and cuDNN's fast path. Every conv's
-        # output then stays channels-last; the values are the same up to summation order (benchmarks/cascade.py
-        # measures the gain). Not on MPS, where channels-last convolutions are slower.
-        if component_type.startswith("unet") and self.device.split(":")[0] in ("cpu", "cuda"):
-            module = module.to(memory_format=torch.channels_last)
-        return module
-
     def join(self):
         started = launcher()
         if started is None:
