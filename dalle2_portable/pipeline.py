@@ -211,11 +211,13 @@ class Pipeline:
             big_size = self.defaults.super_res_sample_size or sr_cfg.sample_size
             self._hold("super_res_first")
             last = "super_res_last" if "super_res_last" in self.modules else "super_res_first"
-            # low_memory: the last step's upsampler is loaded after the first one is dropped
-            last = (Deferred(self.modules, last, ["super_res_first"]) if self.low_memory and last != "super_res_first"
-                    else self.modules[last])
-            big = sample_super_res(self.backend, self.modules["super_res_first"], last, stages["super_res"],
-                                   small, big_size, noise, shared, self.progress)
+            if self.low_memory:  # stand-ins: the last step's upsampler is loaded once the first one is freed
+                first, last = (Deferred(self.modules, "super_res_first"),
+                               Deferred(self.modules, last, ["super_res_first"] if last != "super_res_first" else []))
+            else:
+                first, last = self.modules["super_res_first"], self.modules[last]
+            big = sample_super_res(self.backend, first, last, stages["super_res"], small, big_size, noise, shared,
+                                   self.progress)
         self._hold()
         settings = {"verb": verb, "seed": seed, "model": self.spec.source.repo or str(self.model_dir),
                     "revision": self.spec.source.revision, "model_dir": str(Path(self.model_dir).absolute()),

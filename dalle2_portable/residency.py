@@ -8,8 +8,9 @@ cascade's peak is its largest stage, not the sum. Loading stays cheap: float32 s
 on torch (pages read as the first step touches them), and a float16 / bfloat16 model is read one tensor at a
 time; what a component costs to load again is measured in benchmarks/cascade.py.
 
-`Deferred` stands in for a module that a loop calls only at its last step (Karlo's super_res_last): called,
-it first releases the modules it replaces, then loads its own, so the two upsamplers are never held together.
+`Deferred` stands in for a module inside a loop without holding it: the super-res loop gets one for
+super_res_first and one for super_res_last, which at its first call (the last step) releases the first and
+loads its own, so the two upsamplers are never in memory together.
 """
 
 from __future__ import annotations
@@ -88,13 +89,15 @@ def load_module(backend, model_dir, spec, name: str, prepare: Callable[[str, Any
 
 
 class Deferred:
-    """A module stand-in for a loop's last step: called, it releases `replaces` from `components`, then calls
-    `components[name]` (loaded then). Backends call modules as `module(*arrays)`, so it passes as one."""
+    """A module stand-in that holds no module: called, it releases `replaces` from `components`, then calls
+    `components[name]` (loaded at its first call). Backends call modules as `module(*arrays)`, so it passes as
+    one. A loop given stand-ins for both of a stage's UNets keeps no reference to either, so releasing one
+    frees it while the loop runs on."""
 
-    def __init__(self, components: Components, name: str, replaces: Iterable[str]):
+    def __init__(self, components: Components, name: str, replaces: Iterable[str] = ()):
         self.components, self.name, self.replaces = components, name, set(replaces)
 
     def __call__(self, *args, **kwargs):
-        held = set(self.components.held)
-        self.components.release(keep=held - self.replaces)
+        if self.replaces:
+            self.components.release(keep=set(self.components.held) - self.replaces)
         return self.components[self.name](*args, **kwargs)

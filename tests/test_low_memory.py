@@ -17,14 +17,21 @@ TOGETHER = {"text_proj": {"decoder"}, "decoder": {"text_proj"}}  # the one stage
 
 
 def _watch(pipe) -> list[tuple[str, set[str]]]:
-    """(component loaded, what else was held at that moment) for every load the pipeline makes from now on."""
-    seen = []
+    """(component loaded, what else was alive at that moment) for every load the pipeline makes from now on:
+    alive, not merely listed as held (a module the sampling loop still referenced would count)."""
+    import gc
+    import weakref
+
+    seen, alive = [], {}
     for mapping in (pipe.modules, pipe.clip.modules):
         load = mapping._load
 
         def watched(name, load=load):
-            seen.append((name, set(pipe.modules.held) | set(pipe.clip.modules.held)))
-            return load(name)
+            gc.collect()
+            seen.append((name, {n for n, ref in alive.items() if ref() is not None}))
+            module = load(name)
+            alive[name] = weakref.ref(module)
+            return module
 
         mapping._load = watched
     return seen
