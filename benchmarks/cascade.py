@@ -30,9 +30,9 @@ warm-up call ("first call s": MLX's lazy arrays and memory-mapped torch weights 
 --repeat calls (--super-res-repeat for super-res; 0 reports the warm-up call) and reports the median. GFLOP / call
 is counted from the config (benchmarks/flops.py: convolutions, linears, attention matmuls; equal to torch's
 FlopCounterMode); GFLOP/s is that over the median; "of matmul peak" divides it by the best n x n torch matmul
-(n = 1024, 1536, 2048, best of 5; fp32 or --dtype) on the same device, measured in the same run. "max diff" is
-each row's largest difference from the peer's output (the step's guided model output), relative to the peer's
-largest magnitude: same weights and inputs must agree (~1e-6 in fp32).
+(n = 1024-2048 on a CPU, 2048-8192 on CUDA, best of 5; fp32 or --dtype) on the same device, measured in the same
+run. "max diff" is each row's largest difference from the peer's output (the step's guided model output),
+relative to the peer's largest magnitude: same weights and inputs must agree (~1e-6 in fp32).
 
 The cascade section (--stages cascade): one whole generation, text -> 256 px at --cascade-steps, each
 configuration in its own process, weights loaded by that process: its peak RSS against diffusers'
@@ -69,8 +69,8 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import (cpu_name, git_commit, memory_gib, mlx_matmul_gflops, peak_rss_gib,  # noqa: E402
-                    torch_matmul_gflops, versions)
+from common import (AnonymousPeak, cpu_name, git_commit, memory_gib, mlx_matmul_gflops,  # noqa: E402
+                    peak_rss_gib, torch_matmul_gflops, versions)
 from flops import clip_text_flops, prior_flops, unet_flops  # noqa: E402
 from generate_speed import BUILD  # noqa: E402
 
@@ -325,6 +325,7 @@ def device_memory(row: str, device: str) -> dict:
 
 def cascade_worker(args, index: int) -> dict:
     """One whole generation with CASCADE[index], the weights loaded in this process."""
+    anon = AnonymousPeak()
     runner, config = CASCADE[index]
     config = cascade_config(runner, config, args.device, args.dtype)
     root = Path(args.workdir)
@@ -356,7 +357,8 @@ def cascade_worker(args, index: int) -> dict:
         except d2.Dalle2Error as e:  # e.g. random weights gone non-finite in float16: the peak so far, flagged
             image, failed = None, str(e)
     result = dict(load=load, generate=time.perf_counter() - t1, loaded_rss=loaded_rss, rss=peak_rss_gib(),
-                  size=None if image is None else int(np.shape(image)[-2]), steps=args.cascade_steps)
+                  size=None if image is None else int(np.shape(image)[-2]), steps=args.cascade_steps,
+                  anon=anon.sample())
     if image is None:
         result["generate_error"] = failed
     result.update(device_memory(cascade_backend(runner, config), args.device))
@@ -514,8 +516,10 @@ def markdown(res: dict) -> str:
         peer = cascade.get(cascade_label("peer", cascade_config("peer", {}, m["device"], m["dtype"])))
         lines += ["Whole cascade, text -> 256 px, each configuration in its own process, weights loaded by it "
                   "(steps: prior/decoder/super-res):", "",
-                  "| configuration | steps | load s | generate s | peak RSS GiB | of which loading | RSS / peer |"
-                  + (" peak GPU GiB |" if gpu else ""), "|---|---|---:|---:|---:|---:|---:|" + ("---:|" if gpu else "")]
+                  "| configuration | steps | load s | generate s | peak RSS GiB | of which loading | peak anonymous GiB"
+                  " | RSS / peer |"
+                  + (" peak GPU GiB |" if gpu else ""),
+                  "|---|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if gpu else "")]
         for label, r in cascade.items():
             if "error" in r or "skipped" in r:
                 word = "skipped" if "skipped" in r else "failed"
@@ -525,9 +529,13 @@ def markdown(res: dict) -> str:
             if r.get("generate_error"):
                 label += f" (stopped: {r['generate_error'][:120]}; figures up to there)"
             lines.append(f"| {label} | {r.get('steps', '?').replace(',', '/')} | {r['load']:.1f} | "
-                         f"{r['generate']:.1f} | {r['rss']:.2f} | {r['loaded_rss']:.2f} | {ratio} |"
+                         f"{r['generate']:.1f} | {r['rss']:.2f} | {r['loaded_rss']:.2f} | {fmt(r.get('anon'))} | "
+                         f"{ratio} |"
                          + (f" {fmt(r.get('device_peak'))} |" if gpu else ""))
-        lines.append("")
+        lines += ["", "Peak RSS: ru_maxrss of the configuration's process, memory-mapped weight pages included; of "
+                  "which loading: before the generation; peak anonymous: RSS less file-backed pages, sampled every "
+                  "20 ms (mapped weights are file-backed: the kernel can drop them under pressure and read them "
+                  "again, at a cost in time). RSS / peer: peak RSS over diffusers'.", ""]
     if s.get("note"):
         lines += [s["note"], ""]
     return "\n".join(lines)
