@@ -58,6 +58,7 @@ import inspect
 import json
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -623,7 +624,7 @@ def main() -> None:
     matmul, err = run_worker(args, "matmul", env)
     if err:
         sys.exit(f"the matmul peak failed: {err}")
-    command = "python benchmarks/cascade.py " + " ".join(sys.argv[1:])
+    command = "python benchmarks/cascade.py " + shlex.join(sys.argv[1:])
     res["settings"] = dict(size=args.size, date=date, command=command.strip(), repeat=args.repeat,
                            super_res_repeat=args.super_res_repeat, cascade_steps=args.cascade_steps,
                            threads=args.threads or "default", note=" ".join(notes + [args.note or ""]).strip())
