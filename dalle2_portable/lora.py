@@ -9,9 +9,9 @@ Dialects read (`read_adapter`):
     diffusers  pytorch_lora_weights.safetensors: "unet.<path>.lora_A.weight" / ".lora_B.weight" (a pipeline's
                save_lora_weights; the prefix names the component, PREFIXES), or the same keys without the
                prefix (a model's save_lora_adapter: the component holding the path, the decoder when the
-               upsamplers hold it too, as diffusers' `unet` is the decoder); r / lora_alpha / rank_pattern / alpha_pattern from the
-               "lora_adapter_metadata" JSON in the safetensors metadata (keys "unet.r" or "r"), as diffusers
-               writes it; older "<path>.lora.down.weight" / ".lora.up.weight" keys too
+               upsamplers hold it too, as diffusers' `unet` is the decoder); r / lora_alpha / rank_pattern /
+               alpha_pattern from the "lora_adapter_metadata" JSON in the safetensors metadata (keys "unet.r"
+               or "r"), as diffusers writes it; older "<path>.lora.down.weight" / ".lora.up.weight" keys too
     PEFT       adapter_model.safetensors + adapter_config.json: "base_model.model.<path>.lora_A.weight"
     kohya      "lora_unet_<path with _>.lora_down.weight" / ".lora_up.weight" / ".alpha" ("lora_te_": the text
                encoder)

@@ -197,20 +197,36 @@ class Backend(ABC):
         """Make sure arrays computed outside a step are computed (MLX is lazy; torch is not)."""
 
     world = SINGLE  # this process's place among training processes (`join`); one process unless launched
+    launched_by: str | None = None  # the launcher whose process group this backend joins (None: one process only)
 
     def join(self) -> World:
         """Join the process group this backend's launcher set up (distributed.py) and return this process's World
-        (also kept as `self.world`); a process no launcher started is SINGLE. A backend without multi-process
-        training refuses a launched run in one line."""
+        (also kept as `self.world`); a process no launcher started is SINGLE. A process another launcher started
+        is refused in one line."""
         started = launcher()
-        if started is not None:
-            raise Dalle2Error(f"this process was started by {started}; the {self.name} backend trains in one process "
-                              "(start it without the launcher)")
+        if started is None:
+            return self.world
+        if started != self.launched_by:
+            how = f"under {self.launched_by}" if self.launched_by else "in one process (start it without the launcher)"
+            raise Dalle2Error(f"this process was started by {started}; the {self.name} backend trains across "
+                              f"processes {how} (or give the --backend whose launcher this is)")
+        self.world = self._join()
         return self.world
+
+    def _join(self) -> World:
+        """Join this backend's launcher's group (only called for a backend that names `launched_by`)."""
+        raise NotImplementedError
 
     def average(self, values: list[float]) -> list[float]:
         """The mean of each value across the training processes (the logged loss; also a barrier)."""
-        return [float(v) for v in values]
+        values = [float(v) for v in values]
+        if self.world.size == 1:
+            return values
+        return [v / self.world.size for v in self._all_sum(values)]
+
+    def _all_sum(self, values: list[float]) -> list[float]:
+        """Each value summed over the training processes."""
+        raise NotImplementedError
 
     def free_memory(self) -> None:
         """Return the memory of dropped modules to the system (low-memory pipelines call it between stages)."""

@@ -43,7 +43,7 @@ import mlx.nn as nn  # noqa: E402
 import numpy as np  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
 
-from ...distributed import World, launcher  # noqa: E402
+from ...distributed import World  # noqa: E402
 from ...errors import Dalle2Error  # noqa: E402
 from .. import Backend  # noqa: E402
 from .train import MLXTrainStep  # noqa: E402
@@ -210,26 +210,19 @@ class MLXBackend(Backend):
     def sync(self, arrays) -> None:
         mx.eval(arrays)  # MLX is lazy: evaluate, so that a graph does not grow over steps
 
-    def join(self):
-        started = launcher()
-        if started is None:
-            return self.world
-        if started != "mlx.launch":
-            raise Dalle2Error(f"this process was started by {started}; the MLX backend trains across processes "
-                              "under mlx.launch (or use --backend torch)")
+    launched_by = "mlx.launch"
+
+    def _join(self):
         try:
             group = mx.distributed.init(strict=True)
         except RuntimeError as e:
             raise Dalle2Error(f"cannot join the mlx.launch group ({str(e).strip().splitlines()[0]}); check the "
                               "hosts given to mlx.launch") from None
-        self.world = World(group.rank(), group.size())
-        return self.world
+        return World(group.rank(), group.size())
 
-    def average(self, values):
-        if self.world.size == 1:
-            return [float(v) for v in values]
-        total = mx.distributed.all_sum(mx.array([float(v) for v in values], dtype=mx.float32), stream=mx.cpu)
-        return [float(v) / self.world.size for v in np.array(total)]
+    def _all_sum(self, values):
+        total = mx.distributed.all_sum(mx.array(values, dtype=mx.float32), stream=mx.cpu)
+        return [float(v) for v in np.array(total)]
 
     def free_memory(self) -> None:
         super().free_memory()

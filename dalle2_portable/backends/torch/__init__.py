@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from ...distributed import World, launcher, timeout_s
+from ...distributed import World, timeout_s
 from ...errors import Dalle2Error
 from .. import Backend
 from .train import TorchTrainStep
@@ -146,13 +146,9 @@ class TorchBackend(Backend):
     def sync(self, arrays) -> None:
         pass  # torch runs eagerly
 
-    def join(self):
-        started = launcher()
-        if started is None:
-            return self.world
-        if started != "torchrun":
-            raise Dalle2Error(f"this process was started by {started}; the torch backend trains across processes "
-                              "under torchrun (or use --backend mlx)")
+    launched_by = "torchrun"
+
+    def _join(self):
         import datetime
 
         import torch.distributed as dist
@@ -165,20 +161,17 @@ class TorchBackend(Backend):
             try:
                 dist.init_process_group(kind, timeout=datetime.timedelta(seconds=timeout_s()))
             except (RuntimeError, ValueError) as e:
-                raise Dalle2Error(f"cannot join the torchrun process group ({str(e).strip().splitlines()[0]}); "
-                                  "check --rdzv-endpoint / MASTER_ADDR (GLOO_SOCKET_IFNAME=lo on one machine)") from None
-        self.world = World(dist.get_rank(), dist.get_world_size())
-        return self.world
+                cause = str(e).strip().splitlines()[0]
+                raise Dalle2Error(f"cannot join the torchrun process group ({cause}); check --rdzv-endpoint / "
+                                  "MASTER_ADDR (GLOO_SOCKET_IFNAME=lo on one machine)") from None
+        return World(dist.get_rank(), dist.get_world_size())
 
-    def average(self, values):
-        if self.world.size == 1:
-            return [float(v) for v in values]
+    def _all_sum(self, values):
         import torch.distributed as dist
 
-        t = torch.tensor([float(v) for v in values], dtype=torch.float64,
-                         device=self.device if self.device.startswith("cuda") else "cpu")
+        t = torch.tensor(values, dtype=torch.float64, device=self.device if self.device.startswith("cuda") else "cpu")
         dist.all_reduce(t)
-        return (t / self.world.size).tolist()
+        return t.tolist()
 
     def free_memory(self) -> None:
         super().free_memory()
