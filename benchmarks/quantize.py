@@ -1,7 +1,7 @@
 """What MLX 8-bit and 4-bit quantisation (dalle2 quantize) costs and saves.
 
-    python benchmarks/quantize.py default [--prompts 8] [--seeds 2] [--group-size 64] [--all-layers]
-    python benchmarks/quantize.py karlo [--dir /tmp/karlo-decoder] [--group-size 64] [--keep]
+    python benchmarks/quantize.py default [--prompts 8] [--seeds 2] [--group-size 32] [--all-layers]
+    python benchmarks/quantize.py karlo [--dir /tmp/karlo-decoder] [--group-size 32] [--keep]
 
 default: the packaged model quantised to 8 and 4 bits; its images (its own 25/25/7 steps) against float32 on
     MLX as PSNR over prompts x seeds (shape/colour captions: of all pixels together, and the median and the
@@ -202,7 +202,7 @@ def main() -> None:
     p.add_argument("what", choices=["default", "karlo"])
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--seeds", type=int, default=2)
-    p.add_argument("--group-size", type=int, default=64)
+    p.add_argument("--group-size", type=int, default=32, help="32 (the default of d2.quantize), 64 or 128")
     p.add_argument("--all-layers", action="store_true", help="quantise the layers outside the blocks too")
     p.add_argument("--dir", default="/tmp/karlo-decoder-quantize")
     p.add_argument("--keep", action="store_true", help="keep --dir (the float and quantised decoders)")

@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import Dalle2Error
-from .spec import QUANTIZABLE_TYPES, Quantization
+from .spec import QUANTIZABLE_TYPES, QUANTIZED_GROUP_SIZE, Quantization
 
 DEFAULT_COMPONENTS = ("prior", "decoder", "super_res_first", "super_res_last")  # those a model has
 BLOCKS = ("transformer_blocks", "down_blocks", "mid_block", "up_blocks")  # the repeated blocks of the prior / UNets
@@ -130,7 +130,7 @@ def _chosen(model_dir: Path, spec, components) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def quantize(model, out, bits: int = 8, group_size: int = 64, components=None, all_layers: bool = False,
+def quantize(model, out, bits: int = 8, group_size: int = QUANTIZED_GROUP_SIZE, components=None, all_layers: bool = False,
              overwrite: bool = False) -> Path:
     """Write OUT: MODEL (a model directory, Hub id or "default") with the prior and the UNets (or `components`)
     quantised to `bits` (8 or 4) with MLX's `mx.quantize` in groups of `group_size` (32, 64 or 128), every other

@@ -594,6 +594,7 @@ class Source:
 
 QUANTIZED_BITS = (4, 8)
 QUANTIZED_GROUP_SIZES = (32, 64, 128)  # MLX's affine group sizes
+QUANTIZED_GROUP_SIZE = 32  # the default: 8-bit at 32 keeps the default model's images >= 30 dB PSNR (64: 29.0 dB)
 QUANTIZED_MODES = ("affine",)
 QUANTIZABLE_TYPES = ("prior", "unet2d_condition", "unet2d")  # the prior and the UNets; CLIP and text_proj stay
 
@@ -609,7 +610,7 @@ class Quantization(_Config):
 
     TYPE: ClassVar[str] = "quantization"
     bits: int = 8
-    group_size: int = 64
+    group_size: int = QUANTIZED_GROUP_SIZE
     mode: str = "affine"
     keep: tuple[str, ...] = ()
 

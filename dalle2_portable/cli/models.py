@@ -6,7 +6,7 @@ from __future__ import annotations
 import click
 
 from ..errors import Dalle2Error
-from ..spec import STAGES
+from ..spec import QUANTIZED_GROUP_SIZE, STAGES
 from . import main
 
 
@@ -37,7 +37,7 @@ def convert(source, out, revision, dtype, variant, overwrite):
 @click.argument("model")
 @click.argument("out", type=click.Path(file_okay=False))
 @click.option("--bits", type=int, default=8, show_default=True, help="Bits per weight: 8 or 4.")
-@click.option("--group-size", type=int, default=64, show_default=True, help="Weights sharing one scale and bias: "
+@click.option("--group-size", type=int, default=QUANTIZED_GROUP_SIZE, show_default=True, help="Weights sharing one scale and bias: "
               "32, 64 or 128 (a layer whose row is not a multiple of it stays float32).")
 @click.option("--components", default=None, help="Comma-separated components to quantize (default: the prior and "
               "every UNet: prior,decoder,super_res_first,super_res_last; the CLIP towers and text_proj stay float).")
