@@ -93,13 +93,18 @@ def test_timesteps_and_sigmas_equal_diffusers(models, n):
     assert dpm_timesteps(1000, 10).tolist() == [999, 899, 799, 699, 599, 500, 400, 300, 200, 100]
 
 
+TOL = 3e-6  # of the scale: the worst step measured on any CPU here (1.3e-6), about 2x
+
+
 @pytest.mark.parametrize("stage", sorted(HUB))
 @pytest.mark.parametrize("n", STEPS)
 def test_steps_equal_diffusers(stage, n):
     """Every step fed the same sample (diffusers' previous one) and the same NumPy random model output (6
     channels for the learned-range decoder; x0-scale outputs x3 for the prior): x_next and x0 (diffusers'
-    converted `model_outputs[-1]`) to 1e-6 of the scale; then our own chain, run on its own samples from the
-    same outputs, ends within 1e-6 of diffusers' chain. Measured: 0 (bit-identical) for every step here."""
+    converted `model_outputs[-1]`) to TOL of the scale; then our own chain, run on its own samples from the
+    same outputs, ends within TOL of diffusers' chain. Measured: 0 (bit-identical) for every step on an Intel
+    Xeon (AVX2); on an AMD EPYC (AVX-512), where torch's vectorised exp / log round differently from NumPy's in
+    the last bit, 0 at 2 steps and up to 1.3e-6 of the scale (the prior's 25 steps)."""
     unclip, ours = hub_pair(stage)
     ref = reference(unclip.config)
     ref.set_timesteps(n)
@@ -118,9 +123,9 @@ def test_steps_equal_diffusers(stage, n):
         x_chain, _ = chain.step(i, out, x_chain)
         x_ref = ref.step(torch.from_numpy(out), int(t), x_ref).prev_sample
         what = f"{stage} {n} steps, step {i} t={t}"
-        worst = max(worst, assert_close_to_scale(x, x_ref.numpy(), 1e-6, what),
-                    assert_close_to_scale(x0, ref.model_outputs[-1].numpy(), 1e-6, what + " x0"))
-    assert_close_to_scale(x_chain, x_ref.numpy(), 1e-6, f"{stage} {n}-step chain")
+        worst = max(worst, assert_close_to_scale(x, x_ref.numpy(), TOL, what),
+                    assert_close_to_scale(x0, ref.model_outputs[-1].numpy(), TOL, what + " x0"))
+    assert_close_to_scale(x_chain, x_ref.numpy(), TOL, f"{stage} {n}-step chain")
     print(f"{stage} {n}: worst step {worst:.2g} of the scale")
 
 
