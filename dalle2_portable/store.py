@@ -146,7 +146,7 @@ def read_header(path: str | os.PathLike) -> dict[str, TensorInfo]:
             n = int.from_bytes(f.read(8), "little")  # u64 header length, then the JSON header
             if size < 8 or n <= 0 or 8 + n > size:
                 raise ValueError("header length past the end of the file")
-            header = json.loads(f.read(n))
+            header = json.loads(f.read(n), parse_constant=_not_json)  # NaN / Infinity: strict JSON parsers refuse
         entries = _header_entries(header)
     except (OSError, ValueError, UnicodeDecodeError, RecursionError) as e:
         raise Dalle2Error(f"weight file {str(path)!r} is not a readable safetensors file ({e}); "
@@ -170,6 +170,10 @@ def read_header(path: str | os.PathLike) -> dict[str, TensorInfo]:
         raise Dalle2Error(f"weight file {str(path)!r} has {size - 8 - n - end} bytes after its last tensor; the "
                           "file is corrupt, re-convert or re-download it")
     return {name: out[name] for name in entries}  # the file's own order
+
+
+def _not_json(word: str):
+    raise ValueError(f"{word} is not JSON")
 
 
 def _header_entries(header) -> dict[str, tuple[tuple[int, ...], str, int, int]]:

@@ -66,7 +66,8 @@ def test_any_broken_weight_file_is_one_line(model, tmp_path_factory, backend, da
 
 
 def test_messages_name_the_problem(model, tmp_path):
-    """Three real corruptions, three messages that say what is wrong."""
+    """Four real corruptions, four messages that say what is wrong (Python writes Infinity into JSON and reads
+    it back; safetensors' and MLX's parsers refuse it)."""
     folder, header, tensors = model
     cases = {"trailing": (header, tensors + b"xx", "bytes after its last tensor"),
              "gap": (header, tensors, "starts at byte"),
@@ -78,6 +79,7 @@ def test_messages_name_the_problem(model, tmp_path):
     f8 = copy.deepcopy(header)
     f8[first]["dtype"] = "F8_E4M3"
     cases["dtype"] = (f8, tensors, "has dtype 'F8_E4M3'")
+    cases["infinity"] = ({**header, "__metadata__": {"format": float("inf")}}, tensors, "Infinity is not JSON")
     for name, (h, d, message) in cases.items():
         out = tmp_path / name
         shutil.copytree(folder, out)
