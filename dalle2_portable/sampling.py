@@ -21,7 +21,7 @@ import numpy as np
 from .clip import TextCondition
 from .errors import Dalle2Error
 from .schedule import UnCLIPSchedule, check_sampler
-from .modules.prior import prior_attention_mask
+from .modules.prior import prior_text_inputs
 from .modules.unet import decoder_attention_mask
 
 F32 = np.float32
@@ -110,12 +110,12 @@ def sample_prior(backend, prior, stage: Stage, text: TextCondition, uncond: Text
     if guided and uncond is None:
         raise Dalle2Error("prior guidance needs the unconditional (empty-caption) text condition")
     cond = TextCondition.cat(uncond, text) if guided else text
-    mask = prior_attention_mask(cond.mask)
+    states, mask = prior_text_inputs(cond.states, cond.mask)  # the padding no row attends to cut off
     x = noise.draw((len(text), dim), shared)
 
     def predict(i, t, x):
-        (pred,) = backend.run(prior, np.concatenate([x, x]) if guided else x, np.int64(t), cond.embeds,
-                              cond.states, mask)
+        (pred,) = backend.run(prior, np.concatenate([x, x]) if guided else x, np.int64(t), cond.embeds, states,
+                              mask)
         return guide(*np.split(pred, 2), stage.guidance) if guided else pred
 
     x = _loop(stage, x, predict, noise, shared, progress, "prior")

@@ -16,7 +16,7 @@ from diffusers import PriorTransformer as HFPrior
 from dalle2_portable.backends import get_backend
 from dalle2_portable.errors import Dalle2Error
 from dalle2_portable.spec import PriorConfig
-from dalle2_portable.modules.prior import prior_attention_mask
+from dalle2_portable.modules.prior import prior_attention_mask, prior_text_inputs
 
 # measured worst relative error (max abs diff / max abs reference), CPU, these inputs: fp32 mlx 1.6e-7 (torch is
 # bit-identical to diffusers); fp16 torch 7.9e-4, mlx 8.9e-4, mlx vs torch 6.5e-4; bf16 torch 4.5e-3,
@@ -97,6 +97,30 @@ def test_prior_without_mask_and_post_process(backend):
     assert_close_to_scale(got, expected.numpy(), REL["float32"], f"{backend} prior without mask")
     (got_post,) = b.run(module.post_process_latents, expected.numpy())
     assert_close_to_scale(got_post, post, REL["float32"], f"{backend} post_process_latents")
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_text_cut_after_the_last_real_token_matches_diffusers(backend):
+    """prior_text_inputs cuts the padding no row attends to (rows of 3, 5 and 2 real tokens of 7: 5 kept); the
+    prior on the cut inputs gives diffusers' output on the whole ones, and so does a batch of one short row."""
+    ref = _reference()
+    x, proj, states, _ = _inputs()
+    mask = np.arange(TINY["num_embeddings"])[None, :] < np.array([3, 5, 2])[:, None]
+    t = np.array(321, dtype=np.int64)
+    with torch.no_grad():
+        expected = ref(torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(proj), torch.from_numpy(states),
+                       attention_mask=torch.from_numpy(mask)).predicted_image_embedding.numpy()
+    cut, cut_mask = prior_text_inputs(states, mask)
+    assert cut.shape[1] == 5 and cut_mask.shape == (3, 9, 9)
+    kept = [0, 1, 2, 3, 4, 7, 8, 9, 10]  # of the whole mask's 7 text + 4 extra positions
+    np.testing.assert_array_equal(cut_mask, prior_attention_mask(mask, 4)[:, kept][..., kept])
+    b, module = _load(backend, ref)
+    (got,) = b.run(module, x, t, proj, cut, cut_mask)
+    assert_close_to_scale(got, expected, REL["float32"], f"{backend} prior, text cut after its last real token")
+    (one,) = b.run(module, x[2:], t, proj[2:], *prior_text_inputs(states[2:], mask[2:]))  # 2 tokens of 7
+    assert_close_to_scale(one, expected[2:], REL["float32"], f"{backend} prior, one row cut to 2 tokens")
+    with pytest.raises(Dalle2Error, match="more than the 7"):
+        b.run(module, x, t, proj, np.concatenate([states, states[:, :1]], axis=1), None)
 
 
 def test_attention_mask_is_diffusers():

@@ -2,7 +2,9 @@
 
 Class and attribute names are diffusers' (`PriorTransformer`, `BasicTransformerBlock`, `Attention`,
 `FeedForward`, `GELU`), so the flattened parameter names are the canonical ones of the weight files. The
-additive attention mask is built once, in NumPy, by `prior_attention_mask` and passed in.
+additive attention mask is built once, in NumPy, by `prior_attention_mask` and passed in; `prior_text_inputs`
+also cuts the text states after the batch's last real token (the padding no position can attend to), which
+leaves the output as it was and saves most of a step's work on short prompts.
 """
 
 from __future__ import annotations
@@ -32,6 +34,31 @@ def prior_attention_mask(text_mask: np.ndarray, additional_embeddings: int = 4) 
     padding = np.pad(padding, ((0, 0), (0, additional_embeddings)))  # (B, L)
     causal = np.triu(np.full((length, length), MASK_FILL, dtype=np.float32), k=1)  # (L, L)
     return (padding[:, None, :] + causal[None]).astype(np.float32)  # (B, L, L): [batch, query, key]
+
+
+def attended_length(text_mask: np.ndarray) -> int:
+    """1 + the position of the last token that any row of the (B, N) tokenizer mask attends to (at least 1)."""
+    text_mask = np.asarray(text_mask)
+    if text_mask.ndim != 2:
+        raise Dalle2Error(f"prior attention mask: expected (batch, tokens), got shape {text_mask.shape}")
+    real = np.flatnonzero(text_mask.any(axis=0))
+    return int(real[-1]) + 1 if real.size else 1
+
+
+def prior_text_inputs(states: np.ndarray, text_mask: np.ndarray, additional_embeddings: int = 4,
+                      length: int | None = None):
+    """(text states (B, N, E), tokenizer mask (B, N)) -> (states (B, n, E), additive mask (B, n + A, n + A)),
+    cut after the last token that any row attends to (n = `attended_length`, or `length` if given: a whole
+    batch's, so that its micro-batches share one shape): the prior's inputs as the sampler and the training
+    loop pass them.
+
+    Exact: a padded key gets -10000 in every row of diffusers' mask, which underflows to a zero attention
+    weight, so no position reads one; and the prd token, whose output is the prediction, sits at the end
+    with its own position (`PriorTransformer.forward` keeps the extra tokens' positional embeddings). Karlo's
+    prompts are a few tokens of 77: a guided step (the empty caption beside the prompt) shrinks from 81
+    positions to the prompt's length + 4, and its cost with it."""
+    n = attended_length(text_mask) if length is None else length
+    return states[:, :n], prior_attention_mask(np.asarray(text_mask)[:, :n], additional_embeddings)
 
 
 class Attention(Module):
@@ -113,11 +140,14 @@ class PriorTransformer(Module):
         # CLIP image-embedding statistics (Karlo's ViT-L-14_stats.th), used by post_process_latents only
         self.clip_mean = F.Parameter((1, config.clip_embed_dim))
         self.clip_std = F.Parameter((1, config.clip_embed_dim))
+        self.num_embeddings = config.num_embeddings
 
     def forward(self, hidden_states, timestep, proj_embedding, encoder_hidden_states, attention_mask=None):
         """hidden_states x_t (B, E); timestep () or (B,), int or float; proj_embedding CLIP text embeds (B, P);
-        encoder_hidden_states CLIP text states (B, N, E); attention_mask the additive (B, N+4, N+4) mask of
-        `prior_attention_mask`, or None for no mask at all (as diffusers does without a text mask).
+        encoder_hidden_states CLIP text states (B, N, E), or their first n < N tokens (`prior_text_inputs`: the
+        text tokens keep positions 0..n-1, the four extra tokens theirs, N..N+3); attention_mask the additive
+        (B, n+4, n+4) mask of `prior_attention_mask`, or None for no mask at all (as diffusers does without a
+        text mask).
         -> the predicted image embedding (B, clip_embed_dim), before `post_process_latents`.
         Float timesteps reach here in the compute dtype (`Backend.run` casts floats; bf16 rounds 999.0 to 1000.0):
         pass integer timesteps, as the scheduler's are, in reduced precision."""
@@ -133,7 +163,13 @@ class PriorTransformer(Module):
         # the sequence [text states (N), text embedding, time, x_t, prd] (B, N + 4, D), as Karlo's xf.py
         x = F.cat([encoder_hidden_states, proj_embeddings[:, None], t_emb[:, None], hidden_states[:, None], prd],
                   axis=1)
-        x = x + F.cast(self.positional_embedding, x.dtype)
+        n = encoder_hidden_states.shape[1]
+        if n > self.num_embeddings:
+            raise Dalle2Error(f"prior: {n} text tokens, more than the {self.num_embeddings} it has positions for")
+        position = F.cast(self.positional_embedding, x.dtype)
+        if n < self.num_embeddings:  # text cut after its last attended token: the extra tokens keep theirs
+            position = F.cat([position[:, :n], position[:, self.num_embeddings:]], axis=1)
+        x = x + position
         mask = None if attention_mask is None else F.cast(attention_mask[:, None], x.dtype)  # (B, 1, L, L): heads
         for block in self.transformer_blocks:
             x = self.call_block(block, x, mask)  # under gradient checkpointing when it is on

@@ -45,6 +45,7 @@ from ..errors import Dalle2Error
 from ..images import write_atomic
 from ..lora import Adapter, LoRALayer, write_adapter
 from ..modules import gradient_checkpointing
+from ..modules.prior import attended_length
 from ..modules.lora import DEFAULT_TARGETS, LoRADropout
 from ..modules.init import initial_weights
 from ..pipeline import tqdm_progress
@@ -236,6 +237,7 @@ def train(stage: str, data, out, model=None, config: str | None = None, settings
     if stage == "prior":  # the prior's targets: image embeddings normalised by its CLIP statistics
         state = b.state_dict(bundle)
         ctx.targets = (embeddings.image_embeddings() - state["prior.clip_mean"]) / state["prior.clip_std"]
+        ctx.text_length = attended_length(np.concatenate([embeddings.text.mask, uncond.mask]))
     elif stage == "decoder":
         ctx.image_size = configs["decoder"].sample_size
         ctx.extra_tokens = configs["text_proj"].clip_extra_context_tokens
@@ -399,6 +401,7 @@ class _Context:
     extra_tokens: int | None = None
     low_size: int | None = None
     clip: CLIP | None = None
+    text_length: int | None = None  # the prior's text positions: up to the data's last attended token
 
 
 def _component(b, base: Path, spec: ModelSpec, name: str, cfg, fine_tune: bool, seed: int, embeddings,

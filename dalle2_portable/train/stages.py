@@ -34,7 +34,7 @@ import dataclasses
 import numpy as np
 
 from ..clip import TextCondition
-from ..modules.prior import prior_attention_mask
+from ..modules.prior import prior_text_inputs
 from ..modules.unet import decoder_attention_mask
 from ..sampling import upscale_bicubic
 from ..clip import pool_positions
@@ -128,7 +128,9 @@ def prior_batch(ctx, rng: np.random.Generator, idx: np.ndarray, part: slice = AL
     z0 = ctx.targets[idx].astype(np.float32)
     text = drop_captions(ctx.embeddings.text_condition(idx), ctx.uncond, drop)
     x_t, _ = _noised(ctx.schedule, z0, t, noise)
-    return (x_t, t, text.embeds, text.states, prior_attention_mask(text.mask)) + _target(ctx, z0, noise, t)
+    # cut after the last token any caption of the data attends to (exact): fewer positions, one shape every step
+    states, mask = prior_text_inputs(text.states, text.mask, length=ctx.text_length)
+    return (x_t, t, text.embeds, states, mask) + _target(ctx, z0, noise, t)
 
 
 def prior_loss(F, bundle, x_t, t, text_embeds, text_states, mask, target, weights):
