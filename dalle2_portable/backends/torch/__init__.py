@@ -49,7 +49,7 @@ class TorchBackend(Backend):
     def build(self, component_type, config):
         with torch.device(self.device):
             module = self.new(component_type, config)
-        return module.to(self.torch_dtype).eval()
+        return module.to(self.torch_dtype, memory_format=self.facade.memory_format(self.device)).eval()
 
     def add_lora(self, module, rank, alpha, targets, dropout=None):
         with torch.device(self.device):
@@ -70,18 +70,29 @@ class TorchBackend(Backend):
             self.check_names(module, tensors)
         module.load_state_dict(self.from_numpy(module, tensors), strict=not partial)
 
+    def native(self, t: torch.Tensor) -> torch.Tensor:
+        """A weight as this backend computes with it: conv kernels (4-D) in the facade's memory format."""
+        return t.contiguous(memory_format=self.facade.memory_format(t.device)) if t.dim() == 4 else t
+
+    def _is_native(self, t: torch.Tensor) -> bool:  # without touching its data
+        return t.dim() != 4 or t.is_contiguous(memory_format=self.facade.memory_format(t.device))
+
     def load_file(self, module, path, dtype=None):
         # Each tensor is read once, cast, and assigned in place of the random init (no second copy).
         target = _DTYPES[dtype] if dtype else self.torch_dtype
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+        sd = {}
         if target == torch.float32:  # the file's own tensors, memory-mapped: pages are read as they are used
-            sd = {k: v.to(self.device, target) for k, v in load_file(str(path), device="cpu").items()}
-        else:  # cast one tensor at a time, its mapping closed after it: the peak is the cast copy, not both
-            with safe_open(str(path), framework="pt") as f:
-                keys = list(f.keys())
-            sd = {}
-            for k in keys:
+            sd = {k: v.to(self.device) for k, v in load_file(str(path), device="cpu").items()}
+        # the rest (cast, or copied to channels-last) one tensor at a time, each mapping closed after its copy:
+        # the peak is the copy, not the copy beside the file's pages
+        for k in keys:
+            t = sd.get(k)
+            if t is None or not self._is_native(t):
+                sd[k] = None  # drop the whole-file view before its pages are touched
                 with safe_open(str(path), framework="pt") as f:
-                    sd[k] = f.get_tensor(k).to(self.device, target)
+                    sd[k] = self.native(f.get_tensor(k).to(self.device, target))
         module.load_state_dict(sd, strict=True, assign=True)
 
     def load_component(self, component_type, config, path, dtype=None, quantization=None):
@@ -94,7 +105,7 @@ class TorchBackend(Backend):
 
             target = _DTYPES[dtype] if dtype else self.torch_dtype
             shapes = {k: tuple(v.shape) for k, v in module.state_dict().items()}
-            sd = {k: torch.from_numpy(v).to(self.device, target)
+            sd = {k: self.native(torch.from_numpy(v).to(self.device, target))
                   for k, v in dequantized(path, shapes, _layers(module), quantization)}
             module.load_state_dict(sd, strict=True, assign=True)
         return module.eval()
@@ -134,7 +145,7 @@ class TorchBackend(Backend):
         return {k: p.detach() for k, p in module.named_parameters()}
 
     def to_numpy(self, module, arrays):
-        return {k: v.detach().float().cpu().numpy() for k, v in arrays.items()}
+        return {k: v.detach().float().cpu().contiguous().numpy() for k, v in arrays.items()}  # C order
 
     def from_numpy(self, module, tensors):
         return {k: torch.from_numpy(np.require(v, requirements="C")).to(self.device, self.torch_dtype)
