@@ -29,7 +29,9 @@ Each process loads its component ("load s"; "of which loading" is the peak RSS b
 warm-up call ("first call s": MLX's lazy arrays and memory-mapped torch weights finish loading there), then times
 --repeat calls (--super-res-repeat for super-res; 0 reports the warm-up call) and reports the median. GFLOP / call
 is counted from the config (benchmarks/flops.py: convolutions, linears, attention matmuls; equal to torch's
-FlopCounterMode); GFLOP/s is that over the median; "of matmul peak" divides it by the best n x n torch matmul
+FlopCounterMode) as diffusers computes the step; GFLOP/s is that over the median (so where ours skips work, as
+the prior does the padding after a 7-token prompt, `prior_text_inputs`, it is diffusers' work per second and can
+pass the peak); "of matmul peak" divides it by the best n x n torch matmul
 (n = 1024-2048 on a CPU, 2048-8192 on CUDA, best of 5; fp32 or --dtype) on the same device, measured in the same
 run. "max diff" is each row's largest difference from the peer's output (the step's guided model output),
 relative to the peer's largest magnitude: same weights and inputs must agree (~1e-6 in fp32).
@@ -81,6 +83,8 @@ LABELS = {"peer": "diffusers / transformers (peer)", "torch": "ours, PyTorch", "
 PROMPT = "a corgi in a spacesuit"
 GUIDANCE = {"prior": 4.0, "decoder": 8.0}  # UnCLIPPipeline's defaults
 STEPS = {"prior": 25, "decoder": 25, "super_res": 7}  # the schedule a timed step belongs to (Karlo's defaults)
+# the few-step schedule the image-time table composes for ours: dpm++2m on every stage (README "Fewer steps")
+FEW_STEPS = {"prior": 10, "decoder": 10, "super_res": 3}
 COMPONENT = {"text": "text_encoder", "prior": "prior", "decoder": "decoder", "super_res": "super_res_first"}
 CONTEXT_EXTRA = 4  # text_proj's image tokens ahead of the 77 text tokens in the decoder's context
 
@@ -95,6 +99,7 @@ CASCADE = [
     ("ours", dict(backend="torch", dtype="float16")),
     ("ours", dict(backend="torch", low_memory=True)),
     ("ours", dict(backend="torch", low_memory=True, dtype="bfloat16")),
+    ("ours", dict(backend="torch", low_memory=True, dtype="float16")),
     ("ours", dict(backend="mlx")),
     ("ours", dict(backend="mlx", low_memory=True)),
     ("ours", dict(backend="mlx", quantize=8)),
@@ -190,7 +195,7 @@ def stage_inputs(spec, stage: str) -> dict[str, np.ndarray]:
 
 def ours_step(stage: str, backend, module, spec, d: dict):
     """step() -> the guided model output, doing what sampling.py's loop does per step."""
-    from dalle2_portable.modules.prior import prior_attention_mask
+    from dalle2_portable.modules.prior import prior_text_inputs
     from dalle2_portable.modules.unet import decoder_attention_mask
     from dalle2_portable.sampling import guide
     from dalle2_portable.schedule import UnCLIPSchedule
@@ -202,10 +207,10 @@ def ours_step(stage: str, backend, module, spec, d: dict):
     t, prev = int(timesteps[1]), schedule.previous(timesteps, 1)
     x, noise = d["x"], d["noise"]
     if stage == "prior":
-        mask = prior_attention_mask(d["mask"])  # once per sampling call, as sample_prior builds it
+        states, mask = prior_text_inputs(d["states"], d["mask"])  # once per sampling call, as in sample_prior
 
         def predict():
-            (pred,) = backend.run(module, np.concatenate([x, x]), np.int64(t), d["embeds"], d["states"], mask)
+            (pred,) = backend.run(module, np.concatenate([x, x]), np.int64(t), d["embeds"], states, mask)
             return guide(*np.split(pred, 2), GUIDANCE["prior"])
     elif stage == "decoder":
         mask, c = decoder_attention_mask(d["mask"]), x.shape[1]
@@ -457,6 +462,30 @@ def fmt(x, spec=".2f") -> str:
     return "n/a" if x is None else format(x, spec)
 
 
+def image_times(stages: dict) -> list[str]:
+    """A 256 px image's time composed from the step cells (text + steps x step time per stage): diffusers at
+    Karlo's 25/25/7, ours at the same and at FEW_STEPS (a DPM-Solver++ step costs what an ancestral one does: one
+    model call, the step's arithmetic on a few arrays in NumPy)."""
+    def total(row, steps):
+        cells = [stages.get(stage, {}).get(row) for stage in STAGES]
+        if not all(c and "median" in c for c in cells):
+            return None
+        return cells[0]["median"] + sum(steps[st] * c["median"] for st, c in zip(STAGES[1:], cells[1:]))
+
+    peer = total("peer", STEPS)
+    if peer is None:
+        return []
+    few = "/".join(str(FEW_STEPS[s]) for s in STAGES[1:])
+    lines = ["A 256 px image, composed from the cells above (text + steps x step s; loading and the loop's own "
+             "work left out):", "", "| contender | steps | image s | vs diffusers 25/25/7 |", "|---|---|---:|---:|"]
+    for row in ROWS:
+        for steps, words in ((STEPS, "25/25/7, Karlo's samplers"), (FEW_STEPS, f"{few}, dpm++2m")):
+            t = total(row, steps)
+            if t is not None and (row != "peer" or steps is STEPS):
+                lines.append(f"| {LABELS[row]} | {words} | {t:.1f} | {t / peer:.2f} |")
+    return lines + [""]
+
+
 def markdown(res: dict) -> str:
     s, m = res["settings"], res["machine"]
     v = m["versions"]
@@ -511,6 +540,7 @@ def markdown(res: dict) -> str:
                   "the torch matmul's GFLOP/s measured in the same run. max diff: largest difference from the "
                   "peer's guided output, relative to its largest magnitude. Peak RSS: the row's process "
                   "(ru_maxrss); of which loading: before the first call.", ""]
+        lines += image_times(stages)
     cascade = res.get("cascade", {})
     if cascade:
         gpu = any("device_peak" in r for r in cascade.values())
@@ -551,6 +581,8 @@ def main() -> None:
     ap.add_argument("--stages", default=",".join(STAGES + ("cascade",)),
                     help="comma-separated: text, prior, decoder, super_res, cascade")
     ap.add_argument("--rows", default=",".join(ROWS), help="comma-separated contenders: peer, torch, mlx")
+    ap.add_argument("--configs", default=None, help="cascade: only the configurations whose label holds one of "
+                    "these comma-separated words (e.g. 'diffusers,low_memory')")
     ap.add_argument("--repeat", type=int, default=None, help="timed calls per row after one warm-up (default 3; "
                     "--small 2); 0 reports the warm-up call itself")
     ap.add_argument("--super-res-repeat", type=int, default=None, help="the same for super-res (default --repeat)")
@@ -663,6 +695,8 @@ def main() -> None:
             config = cascade_config(runner, entry, args.device, args.dtype)
             label = cascade_label(runner, config)
             if cascade_backend(runner, config) not in rows or label in done:
+                continue
+            if args.configs and not any(word in label for word in args.configs.split(",")):
                 continue
             done.add(label)
             missing = [k for k in entry if runner == "ours" and k not in takes and k != "quantize"]

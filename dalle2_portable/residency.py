@@ -5,8 +5,9 @@ while a stage runs it.
 it is made, as before. With low_memory=True it loads a component at its first use and drops it at `release`
 (the pipeline releases at each stage boundary: text encoder, prior, text_proj + decoder, each upsampler), so a
 cascade's peak is its largest stage, not the sum. Loading stays cheap: float32 safetensors are memory-mapped
-on torch (pages read as the first step touches them), and a float16 / bfloat16 model is read one tensor at a
-time; what a component costs to load again is measured in benchmarks/cascade.py.
+on torch (pages read as the first step touches them) except the conv kernels, copied channels-last on the CPU,
+and a float16 / bfloat16 model is read one tensor at a time (each mapping closed after its copy); what a
+component costs to load again is measured in benchmarks/cascade.py.
 
 `Deferred` stands in for a module inside a loop without holding it: the super-res loop gets one for
 super_res_first and one for super_res_last, which at its first call (the last step) releases the first and

@@ -1,4 +1,5 @@
-"""The PyTorch facade (modules.FACADE names): torch's own layers and ops; feature maps NCHW, torch's layout."""
+"""The PyTorch facade (modules.FACADE names): torch's own layers and ops; feature maps NCHW, torch's layout
+(channels-last in memory on the CPU: CHANNELS_LAST)."""
 
 from __future__ import annotations
 
