@@ -582,7 +582,7 @@ def main() -> None:
                     help="comma-separated: text, prior, decoder, super_res, cascade")
     ap.add_argument("--rows", default=",".join(ROWS), help="comma-separated contenders: peer, torch, mlx")
     ap.add_argument("--configs", default=None, help="cascade: only the configurations whose label holds one of "
-                    "these comma-separated words (e.g. 'diffusers,low_memory')")
+                    "these |-separated words (e.g. 'diffusers|torch, low_memory|8-bit, low_memory')")
     ap.add_argument("--repeat", type=int, default=None, help="timed calls per row after one warm-up (default 3; "
                     "--small 2); 0 reports the warm-up call itself")
     ap.add_argument("--super-res-repeat", type=int, default=None, help="the same for super-res (default --repeat)")
@@ -696,7 +696,7 @@ def main() -> None:
             label = cascade_label(runner, config)
             if cascade_backend(runner, config) not in rows or label in done:
                 continue
-            if args.configs and not any(word in label for word in args.configs.split(",")):
+            if args.configs and not any(word in label for word in args.configs.split("|")):
                 continue
             done.add(label)
             missing = [k for k in entry if runner == "ours" and k not in takes and k != "quantize"]
