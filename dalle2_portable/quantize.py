@@ -130,8 +130,8 @@ def _chosen(model_dir: Path, spec, components) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def quantize(model, out, bits: int = 8, group_size: int = QUANTIZED_GROUP_SIZE, components=None, all_layers: bool = False,
-             overwrite: bool = False) -> Path:
+def quantize(model, out, bits: int = 8, group_size: int = QUANTIZED_GROUP_SIZE, components=None,
+             all_layers: bool = False, overwrite: bool = False) -> Path:
     """Write OUT: MODEL (a model directory, Hub id or "default") with the prior and the UNets (or `components`)
     quantised to `bits` (8 or 4) with MLX's `mx.quantize` in groups of `group_size` (32, 64 or 128), every other
     file copied, model.json recording each component's quantisation, fresh checksums; atomic, and an existing

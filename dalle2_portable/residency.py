@@ -12,7 +12,7 @@ component costs to load again is measured in benchmarks/cascade.py.
 With low_memory on Linux, glibc's malloc is also told to give every block of 1 MiB or more its own mapping
 (`return_freed_memory`): by default it raises that threshold (up to 32 MiB) each time such a block is freed, and
 from then on serves the UNets' activations of a few MiB from its heap, which it keeps; in a bfloat16 Karlo
-cascade that kept 0.8 GiB (peak RSS 3.04 GiB, 2.26 with the threshold fixed).
+cascade that kept 0.8 GiB (peak RSS 3.12 GiB, 2.29 with the threshold fixed; benchmarks/cascade.py).
 
 `Deferred` stands in for a module inside a loop without holding it: the super-res loop gets one for
 super_res_first and one for super_res_last, which at its first call (the last step) releases the first and

@@ -112,7 +112,7 @@ print(before - anon())
 """
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the fix is for glibc's malloc, on Linux only")
 def test_low_memory_gives_freed_activations_back_to_the_system():
     """With low_memory, freed blocks of 1 MiB or more go back to the system (residency.return_freed_memory):
     400 MiB of 4 MiB arrays freed below a live one are returned; with glibc's default threshold, which the

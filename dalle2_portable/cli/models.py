@@ -37,8 +37,9 @@ def convert(source, out, revision, dtype, variant, overwrite):
 @click.argument("model")
 @click.argument("out", type=click.Path(file_okay=False))
 @click.option("--bits", type=int, default=8, show_default=True, help="Bits per weight: 8 or 4.")
-@click.option("--group-size", type=int, default=QUANTIZED_GROUP_SIZE, show_default=True, help="Weights sharing one scale and bias: "
-              "32, 64 or 128 (a layer whose row is not a multiple of it stays float32).")
+@click.option("--group-size", type=int, default=QUANTIZED_GROUP_SIZE, show_default=True,
+              help="Weights sharing one scale and bias: 32, 64 or 128 (a layer whose row is not a multiple of it "
+              "stays float32).")
 @click.option("--components", default=None, help="Comma-separated components to quantize (default: the prior and "
               "every UNet: prior,decoder,super_res_first,super_res_last; the CLIP towers and text_proj stay float).")
 @click.option("--all-layers", is_flag=True, help="Quantize the layers outside the repeated blocks too (the input and "
